@@ -1,0 +1,287 @@
+"""DeepSpeed learner: student forward, SDFT loss, update; keeps and publishes the EMA teacher.
+
+One actor per data-parallel rank. Rank 0 owns the fp32 EMA copy and publishes weights;
+under ZeRO-3 every rank takes part in gathering parameters (``full_parameters``), so the
+controller calls ``publish``/``save_checkpoint`` on all ranks and uses rank 0's answer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from actors.group import set_torch_threads
+from sdft_ray.config import RunConfig
+from sdft_ray.ema import EmaWeights
+from sdft_ray.forward import micro_batches, pad_right, response_logits
+from sdft_ray.losses import LossSpec, TeacherSignal, distillation_loss, response_loss_mask
+from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
+from sdft_ray.trajectory import TeacherScores, Trajectories
+from sdft_ray.weights import ObjectStoreTransport, WeightHandle
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def loss_spec(cfg: RunConfig) -> LossSpec:
+    c = cfg.loss
+    return LossSpec(alpha=c.alpha, estimator=c.estimator, tail_bucket=c.tail_bucket,
+                    skip_first_tokens=c.skip_first_tokens, aggregation=c.aggregation, is_clip=c.is_clip)
+
+
+def teacher_signal_kind(cfg: RunConfig) -> str:
+    """What the teacher group must send for this loss configuration."""
+    if cfg.loss.estimator == "full":
+        return "full"
+    if cfg.loss.estimator == "sampled":
+        return "token"
+    return "topk_student" if cfg.loss.topk_source == "student" else "topk_teacher"
+
+
+def collate_signal(scores: list[TeacherScores], rows: list[tuple[int, int]], width: int, device) -> TeacherSignal:
+    """Pad the teacher's per-sequence arrays for the rows ``(part, row)`` into a TeacherSignal."""
+    first = scores[0]
+    pick = lambda attr: [getattr(scores[p], attr)[r] for p, r in rows]  # noqa: E731
+    if first.kind == "full":
+        arrays = [first.as_float(a) for a in pick("full_logprobs")]
+        return TeacherSignal(full_logprobs=pad_right(arrays, 0.0, torch.float32, width).to(device))
+    if first.kind == "topk":
+        ids = pad_right(pick("topk_ids"), 0, torch.long, width).to(device)
+        return TeacherSignal(topk_ids=ids, topk_logprobs=pad_right(pick("topk_logprobs"), 0.0, torch.float32, width).to(device))
+    return TeacherSignal(token_logprobs=pad_right(pick("token_logprobs"), 0.0, torch.float32, width).to(device))
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int, cfg_dict: dict, model_folder: str, total_steps: int,
+                 master_addr: str | None = None, master_port: int | None = None):
+        self.cfg = RunConfig.model_validate(cfg_dict)
+        set_torch_threads(self.cfg.placement.learner)
+        self.rank, self.world_size = rank, world_size
+        self.model_folder, self.total_steps = model_folder, total_steps
+        self.master = (master_addr, master_port)
+        self.engine = None
+        self.ema: EmaWeights | None = None
+        self.step = 0
+        self.transport = ObjectStoreTransport()
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        cuda = torch.cuda.is_available() and self.cfg.placement.learner.num_gpus > 0
+        backend = self.cfg.learner.backend if self.cfg.learner.backend != "auto" else ("nccl" if cuda else "gloo")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        torch.manual_seed(self.cfg.schedule.seed)
+        lc = self.cfg.learner
+        model = load_causal_lm(self.model_folder, "float32", self.cfg.model.trust_remote_code)
+        model.config.use_cache = False
+        if lc.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.pad_id = int(load_tokenizer(self.model_folder, self.cfg.model.trust_remote_code).pad_token_id)
+        per_rank = self.cfg.sequences_per_learner
+        micro = min(lc.micro_batch_size, per_rank)
+        self.micro_batch_size = micro
+        gas = math.ceil(per_rank / micro)
+        dtype = self.cfg.model.dtype
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": gas,
+            "train_batch_size": micro * gas * self.world_size,
+            "gradient_clipping": lc.grad_clip,
+            "zero_optimization": {"stage": lc.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": dtype == "bfloat16"},
+            "fp16": {"enabled": dtype == "float16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
+        warmup = math.ceil(lc.warmup_ratio * self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(lc.lr_schedule, warmup, self.total_steps))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_config)
+        self.gas = gas
+        self.device = self.engine.device
+        if self.cfg.teacher.kind == "ema":
+            named = self.rank0_parameters()
+            self.ema = EmaWeights.from_named_parameters(named) if named is not None else None
+        return {"rank": self.rank, "device": str(self.device), "zero_stage": lc.zero_stage, "pid": os.getpid()}
+
+    # ---- weights ---------------------------------------------------------------------------
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, full fp32 CPU tensor); under ZeRO-3 gathers one parameter at a time (collective)."""
+        module = self.engine.module
+        zero3 = self.cfg.learner.zero_stage == 3
+        for name, param in module.named_parameters():
+            if zero3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    yield name, param.detach().to("cpu", torch.float32).clone()
+            else:
+                yield name, param.detach().to("cpu", torch.float32)
+
+    def rank0_parameters(self) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """Full parameters on rank 0; other ranks take part in the ZeRO-3 gathers and get None."""
+        if self.rank == 0:
+            return self.full_parameters()
+        if self.cfg.learner.zero_stage == 3:
+            for _ in self.full_parameters():
+                pass
+        return None
+
+    def publish(self, kind: str, version: int) -> WeightHandle | None:
+        """Publish student or teacher weights in the model dtype (rank 0 answers; others return None)."""
+        dtype = torch_dtype(self.cfg.model.dtype)
+        if kind == "teacher" and self.cfg.teacher.kind == "ema":
+            if self.rank != 0:
+                return None
+            named = ((n, t.to(dtype)) for n, t in self.ema.named_tensors())
+        else:
+            params = self.rank0_parameters()
+            if params is None:
+                return None
+            named = ((n, t.to(dtype)) for n, t in params)
+        return self.transport.publish(named, version, kind)
+
+    # ---- training --------------------------------------------------------------------------
+    def _load_parts(self, traj_refs, score_refs) -> tuple[list[Trajectories], list[TeacherScores]]:
+        timeout = self.cfg.fault_tolerance.call_timeout_s
+        trajs = ray.get(list(traj_refs), timeout=timeout)
+        scores = ray.get(list(score_refs), timeout=timeout) if score_refs else [None] * len(trajs)
+        return trajs, scores
+
+    def _micro_batch_loss(self, trajs, scores, rows, spec: LossSpec):
+        prompts = [trajs[p].prompt_ids[r] for p, r in rows]
+        responses = [trajs[p].response_ids[r] for p, r in rows]
+        logits, ids, mask = response_logits(self.engine, prompts, responses, self.pad_id)
+        signal = collate_signal(scores, rows, ids.shape[1], self.device)
+        rollout_lp = pad_right([trajs[p].rollout_logprobs[r] for p, r in rows], 0.0, torch.float32, ids.shape[1])
+        loss, metrics = distillation_loss(spec, logits, ids, mask, signal, rollout_lp.to(self.device))
+        # How many units the micro-batch mean averaged over, to turn it back into a sum.
+        loss_mask = response_loss_mask(mask, spec.skip_first_tokens)
+        count = float(loss_mask.sum() if spec.aggregation == "token_mean" else loss_mask.any(-1).sum())
+        return loss, metrics, count
+
+    def _normaliser(self, trajs: list[Trajectories], spec: LossSpec) -> tuple[float, float]:
+        """Global count (sequences with a loss token, or loss tokens) and this rank's share."""
+        lengths = torch.as_tensor([len(r) for t in trajs for r in t.response_ids])
+        width = int(lengths.max()) if len(lengths) else 1
+        mask = response_loss_mask(torch.arange(width)[None] < lengths[:, None], spec.skip_first_tokens)
+        local = float(mask.any(-1).sum() if spec.aggregation == "sequence_mean" else mask.sum())
+        total = torch.tensor([local], dtype=torch.float64)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total.to(self.device) if self.device.type != "cpu" else total)
+        return float(total.item()), local
+
+    def train_step(self, step: int, traj_refs: list, score_refs: list) -> dict:
+        """One optimizer step on this rank's shard; returns metrics (rank-local sums and means)."""
+        start = time.perf_counter()
+        trajs, scores = self._load_parts(traj_refs, score_refs)
+        spec = loss_spec(self.cfg)
+        total, _ = self._normaliser(trajs, spec)
+        rows = [(p, r) for p, t in enumerate(trajs) for r in range(len(t))]
+        if len(rows) != self.cfg.sequences_per_learner:
+            raise ValueError(f"learner {self.rank}: got {len(rows)} sequences, expected {self.cfg.sequences_per_learner}")
+        self.engine.train()
+        sums: dict[str, float] = {}
+        share = self.world_size / max(total, 1.0)  # DeepSpeed averages gradients over ranks
+        for mb in micro_batches(len(rows), self.micro_batch_size):
+            loss, metrics, count = self._micro_batch_loss(trajs, scores, [rows[i] for i in mb], spec)
+            self.engine.backward(loss * count * share * self.gas)
+            self.engine.step()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * (1 if key == "masked_tokens" else len(mb))
+        self.step = step
+        out = {f"{k}_sum": v for k, v in sums.items()}
+        out.update(
+            sequences=len(rows), response_tokens=sum(len(t.response_ids[r]) for t in trajs for r in range(len(t))),
+            grad_norm=float(self.engine.get_global_grad_norm() or 0.0), lr=float(self.engine.get_lr()[0]),
+            policy_version_min=min(t.policy_version for t in trajs),
+            teacher_version=min(s.teacher_version for s in scores) if scores[0] is not None else -1,
+            seconds=time.perf_counter() - start,
+        )
+        if self.cfg.teacher.kind == "ema" and EmaWeights.should_update(step, self.cfg.teacher.ema_every):
+            t0 = time.perf_counter()
+            named = self.rank0_parameters()
+            if named is not None:
+                self.ema.update(named, self.cfg.teacher.ema_rate)
+            out["ema_seconds"] = time.perf_counter() - t0
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, traj_refs: list, score_refs: list) -> dict:
+        """The loss on given trajectories without updating (e.g. a fixed probe batch)."""
+        trajs, scores = self._load_parts(traj_refs, score_refs)
+        spec = loss_spec(self.cfg)
+        rows = [(p, r) for p, t in enumerate(trajs) for r in range(len(t))]
+        self.engine.eval()
+        total, weight = 0.0, 0.0
+        for mb in micro_batches(len(rows), self.micro_batch_size):
+            loss, _, count = self._micro_batch_loss(trajs, scores, [rows[i] for i in mb], spec)
+            total += float(loss) * count
+            weight += count
+        return {"loss": total / max(weight, 1.0), "count": weight}
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, folder: str, client_state: dict) -> dict:
+        """Collective: DeepSpeed state in ``folder/deepspeed``; rank 0 also writes the HF student and EMA."""
+        from safetensors.torch import save_file
+
+        folder_path = Path(folder)
+        self.engine.save_checkpoint(str(folder_path / "deepspeed"), tag="learner",
+                                    client_state={**client_state, "torch_rng": torch.get_rng_state()})
+        params = self.rank0_parameters()
+        if params is None:
+            return {"rank": self.rank}
+        state = {n: t.clone() for n, t in params}
+        module = self.engine.module
+        module.save_pretrained(folder_path / "student", state_dict=state, safe_serialization=True)
+        load_tokenizer(self.model_folder).save_pretrained(folder_path / "student")
+        if self.ema is not None:
+            save_file({n: t.contiguous() for n, t in self.ema.state_dict().items()}, str(folder_path / "teacher_ema.safetensors"))
+        return {"rank": 0}
+
+    def load_checkpoint(self, folder: str) -> dict:
+        from safetensors.torch import load_file
+
+        folder_path = Path(folder)
+        _, client = self.engine.load_checkpoint(str(folder_path / "deepspeed"), tag="learner",
+                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client and "torch_rng" in client:
+            torch.set_rng_state(client["torch_rng"])
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(folder_path / "teacher_ema.safetensors")))
+        self.step = int((client or {}).get("step", 0))
+        return {"rank": self.rank, "step": self.step}
+
+    def ping(self) -> int:
+        return self.rank

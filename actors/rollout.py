@@ -1,0 +1,64 @@
+"""Rollout worker: samples student responses ``y ~ pi_theta(.|x)`` with a rollout engine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+
+from actors.group import set_torch_threads
+from sdft_ray.engines import SamplingSpec, make_engine
+from sdft_ray.trajectory import PromptShard, RolloutReceipt, Trajectories
+from sdft_ray.weights import WeightHandle, get_transport
+
+
+class RolloutWorker:
+    def __init__(self, worker_index: int, model_folder: str, engine: str, dtype: str,
+                 trust_remote_code: bool = False, batch_size: int = 16, engine_options: dict | None = None,
+                 resources: dict | None = None):
+        set_torch_threads(resources)
+        self.worker_index = worker_index
+        self.engine = make_engine(engine, model_folder, dtype, trust_remote_code, batch_size, engine_options)
+        self.version = 0
+
+    def ready(self) -> dict:
+        return {"version": self.version, "pid": os.getpid(), "host": socket.gethostname()}
+
+    def update_weights(self, handle: WeightHandle) -> int:
+        self.engine.load_weights(get_transport(handle.transport).receive(handle))
+        self.version = handle.version
+        return self.version
+
+    def generate(self, shard: PromptShard, num_parts: int, sampling: dict, samples: int = 1):
+        """Sample ``samples`` responses per prompt; split the rows into ``num_parts`` learner shards.
+
+        Returns ``(receipt, *trajectory_parts)``: call with ``num_returns=1 + num_parts``.
+        """
+        start = time.perf_counter()
+        spec = SamplingSpec(**{**sampling, "seed": shard.seed})
+        rows = [r for r in range(len(shard)) for _ in range(samples)]
+        gens = self.engine.generate([shard.prompt_ids[r] for r in rows], spec)
+        traj = Trajectories(
+            step=shard.step,
+            policy_version=self.version,
+            example_index=shard.example_index[rows],
+            epoch=shard.epoch[rows],
+            sample_index=np.array([i % samples for i in range(len(rows))], dtype=np.int64),
+            prompt_ids=[shard.prompt_ids[r] for r in rows],
+            teacher_prompt_ids=[shard.teacher_prompt_ids[r] for r in rows],
+            response_ids=[g.token_ids for g in gens],
+            rollout_logprobs=[g.logprobs for g in gens],
+            finished=np.array([g.finished for g in gens], dtype=bool),
+            rollout_topk_ids=[g.topk_ids for g in gens] if spec.topk_logprobs else None,
+        )
+        lengths = [len(g.token_ids) for g in gens]
+        receipt = RolloutReceipt(
+            worker=self.worker_index, step=shard.step, policy_version=self.version, sequences=len(traj),
+            response_tokens=int(sum(lengths)), mean_response_len=float(np.mean(lengths)) if lengths else 0.0,
+            finished_fraction=float(traj.finished.mean()) if len(traj) else 0.0,
+            seconds=time.perf_counter() - start, example_index=[int(i) for i in shard.example_index],
+        )
+        parts = traj.split(num_parts)
+        return (receipt, *parts)

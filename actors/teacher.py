@@ -1,0 +1,92 @@
+"""Teacher scoring: the teacher's distribution on the student's own tokens, under ``pi(.|x, c)``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from actors.group import set_torch_threads
+from sdft_ray.forward import micro_batches, response_logits
+from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
+from sdft_ray.trajectory import ScoreReceipt, TeacherScores, Trajectories
+from sdft_ray.weights import WeightHandle, get_transport, load_named_tensors
+
+
+def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_k: int,
+                       micro_batch_size: int, transfer_dtype: torch.dtype, version: int) -> TeacherScores:
+    """Run the teacher on ``teacher_prompt + response`` and keep what the loss needs.
+
+    ``signal``: "full" (log-probs over the vocabulary), "topk_teacher" (the teacher's own
+    top-k), "topk_student" (log-probs at the rollout's top-k ids) or "token" (sampled token).
+    Sampled-token log-probs are always returned (for the implicit reward metric).
+    """
+    kind = {"full": "full", "topk_teacher": "topk", "topk_student": "topk", "token": "token"}[signal]
+    out = TeacherScores(teacher_version=version, kind=kind, token_logprobs=[],
+                        transfer_dtype=str(transfer_dtype).removeprefix("torch."))
+    if kind == "full":
+        out.full_logprobs = []
+    if kind == "topk":
+        out.topk_ids, out.topk_logprobs = [], []
+    with torch.no_grad():
+        for rows in micro_batches(len(traj), micro_batch_size):
+            logits, ids, mask = response_logits(
+                model, [traj.teacher_prompt_ids[r] for r in rows], [traj.response_ids[r] for r in rows], pad_id)
+            logp = logits.float().log_softmax(-1)
+            tok = logp.gather(-1, ids[..., None]).squeeze(-1)
+            for j, r in enumerate(rows):
+                n = len(traj.response_ids[r])
+                out.token_logprobs.append(tok[j, :n].cpu().numpy())
+                if kind == "full":
+                    out.full_logprobs.append(_to_numpy(logp[j, :n], transfer_dtype))
+                elif signal == "topk_teacher":
+                    top = logp[j, :n].topk(top_k, dim=-1)
+                    out.topk_ids.append(top.indices.cpu().numpy())
+                    out.topk_logprobs.append(top.values.cpu().numpy())
+                elif signal == "topk_student":
+                    if traj.rollout_topk_ids is None:
+                        raise ValueError("loss.topk_source 'student' needs the rollout's top-k ids")
+                    sid = torch.as_tensor(traj.rollout_topk_ids[r][:n], device=logp.device)
+                    out.topk_ids.append(sid.cpu().numpy())
+                    out.topk_logprobs.append(logp[j, :n].gather(-1, sid).cpu().numpy())
+    return out
+
+
+def _to_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    if dtype == torch.float32:
+        return t.cpu().numpy()
+    # numpy has no bfloat16: keep the raw 16-bit pattern; the learner views it back.
+    return t.to(dtype).cpu().view(torch.int16).numpy()
+
+
+class TeacherScorer:
+    def __init__(self, worker_index: int, model_folder: str, dtype: str, signal: str, top_k: int,
+                 micro_batch_size: int, transfer_dtype: str = "float32", trust_remote_code: bool = False,
+                 resources: dict | None = None):
+        set_torch_threads(resources)
+        self.worker_index = worker_index
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_causal_lm(model_folder, dtype, trust_remote_code).to(device).eval()
+        self.pad_id = int(load_tokenizer(model_folder, trust_remote_code).pad_token_id)
+        self.signal, self.top_k, self.micro_batch_size = signal, top_k, micro_batch_size
+        self.transfer_dtype = torch_dtype(transfer_dtype)
+        self.version = 0
+
+    def ready(self) -> dict:
+        return {"version": self.version, "pid": os.getpid()}
+
+    def update_weights(self, handle: WeightHandle) -> int:
+        load_named_tensors(self.model, get_transport(handle.transport).receive(handle))
+        self.version = handle.version
+        return self.version
+
+    def score(self, traj: Trajectories):
+        """Returns ``(receipt, TeacherScores)``: call with ``num_returns=2``."""
+        start = time.perf_counter()
+        scores = score_trajectories(self.model, traj, self.pad_id, self.signal, self.top_k,
+                                    self.micro_batch_size, self.transfer_dtype, self.version)
+        receipt = ScoreReceipt(worker=self.worker_index, teacher_version=self.version, sequences=len(traj),
+                               seconds=time.perf_counter() - start)
+        return receipt, scores

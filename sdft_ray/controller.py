@@ -1,0 +1,383 @@
+"""The single controller: its loop reads like the algorithm.
+
+    for each step:
+        shards   = next prompts, split over rollout workers
+        trajs    = rollout.generate(shard)            -> ObjectRefs (one per learner shard)
+        scores   = teacher.score(traj)                 -> ObjectRefs
+        metrics  = learners.train_step(trajs, scores)  (DeepSpeed data parallel; EMA update)
+        every N steps: publish student -> rollout workers, teacher weights -> teacher group
+
+The controller passes ``ObjectRef``s between roles and reads back only receipts and
+metrics (small dataclasses), never trajectories or teacher scores. With
+``schedule.max_staleness = k > 0`` up to ``k`` future batches are generated and scored
+while the learners train (bounded off-policy); ``k = 0`` is the synchronous algorithm.
+Lost or hung rollout/teacher actors are restarted, re-synced and their work re-issued.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+
+from actors.group import ActorGroup
+from actors.learner import LearnerWorker, teacher_signal_kind
+from actors.rollout import RolloutWorker
+from actors.teacher import TeacherScorer
+from sdft_ray.checkpoint import CheckpointManager, read_state
+from sdft_ray.config import RunConfig
+from sdft_ray.data import EpochSampler
+from sdft_ray.metrics import MetricsLogger, Progress
+from sdft_ray.prompts import TokenizedExample
+from sdft_ray.trajectory import PromptShard
+from sdft_ray.weights import WeightHandle
+
+log = logging.getLogger("sdft_ray")
+ACTOR_FAILURES = (RayActorError, GetTimeoutError, RayTaskError)
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank failed: the step is abandoned; the run may resume from a checkpoint."""
+
+
+class ActorRestartLimit(RuntimeError):
+    pass
+
+
+def total_steps(cfg: RunConfig, num_examples: int) -> int:
+    if cfg.schedule.max_steps is not None:
+        return cfg.schedule.max_steps
+    return max(1, math.ceil(cfg.schedule.epochs * num_examples / cfg.schedule.prompts_per_step))
+
+
+@dataclass
+class Batch:
+    """A launched step's work: references only, plus what is needed to re-issue it."""
+
+    step: int
+    shards: list[PromptShard]
+    sampler_state: dict[str, Any]  # data position after this batch (for checkpoints)
+    rollout_refs: list[list[ray.ObjectRef]] = field(default_factory=list)  # [worker] -> [receipt, part_0..]
+    score_refs: list[list[ray.ObjectRef]] = field(default_factory=list)  # [worker] -> [(receipt, scores) per part]
+    launched_at: float = 0.0
+
+
+class Controller:
+    def __init__(self, cfg: RunConfig, model_folder: str | Path, examples: list[TokenizedExample],
+                 run_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.model_folder = str(model_folder)
+        self.examples = examples
+        self.run_dir = Path(run_dir or cfg.output.dir)
+        self.total_steps = total_steps(cfg, len(examples))
+        self.sampler = EpochSampler(len(examples), cfg.schedule.seed, cfg.data.shuffle)
+        self.step = 0
+        self.student_version = 0
+        self.teacher_version = 0
+        self.rollout_weights: WeightHandle | None = None  # what every rollout worker should hold
+        self.teacher_weights: WeightHandle | None = None
+        self.restarts = {"rollout": 0, "teacher": 0}
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last)
+        self.pg = None
+        self.rollout = self.teacher = self.learners = None
+        self.signal = teacher_signal_kind(cfg)
+
+    # ---- actors ------------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg, pc = self.cfg, self.cfg.placement
+        roles = [("rollout", cfg.rollout.num_workers, pc.rollout), ("teacher", cfg.teacher.num_workers, pc.teacher),
+                 ("learner", cfg.learner.num_workers, pc.learner)]
+        bundles = []
+        for role, count, res in roles:
+            bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+            bundle.update(pc.node_resources.get(role, {}))
+            bundles += [dict(bundle) for _ in range(count)]
+        self.pg = placement_group(bundles, strategy=pc.strategy, name=f"sdft-{os.getpid()}")
+        try:
+            ray.get(self.pg.ready(), timeout=cfg.fault_tolerance.call_timeout_s)
+        except GetTimeoutError:
+            raise RuntimeError(
+                f"placement group {bundles} could not be scheduled on cluster resources "
+                f"{ray.cluster_resources()}: lower placement.*.num_cpus/num_gpus or add nodes") from None
+        restarts = cfg.fault_tolerance.max_actor_restarts
+        common = dict(dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        self.rollout = ActorGroup(
+            "rollout", RolloutWorker, cfg.rollout.num_workers, self.pg, 0, pc.rollout,
+            lambda i: ((i, self.model_folder, cfg.rollout.engine), dict(
+                batch_size=cfg.rollout.batch_size, engine_options=cfg.rollout.vllm,
+                resources=pc.rollout.model_dump(), **common)),
+            max_restarts=restarts)
+        self.teacher = ActorGroup(
+            "teacher", TeacherScorer, cfg.teacher.num_workers, self.pg, cfg.rollout.num_workers, pc.teacher,
+            lambda i: ((i, self.model_folder, cfg.model.dtype, self.signal, cfg.loss.top_k,
+                        cfg.teacher.micro_batch_size), dict(
+                transfer_dtype=cfg.teacher.transfer_dtype, trust_remote_code=cfg.model.trust_remote_code,
+                resources=pc.teacher.model_dump())),
+            max_restarts=restarts)
+        first_learner = cfg.rollout.num_workers + cfg.teacher.num_workers
+        cfg_dict = cfg.model_dump(mode="json")
+        self.learners = ActorGroup(
+            "learner", LearnerWorker, cfg.learner.num_workers, self.pg, first_learner, pc.learner,
+            lambda i: ((i, cfg.learner.num_workers, cfg_dict, self.model_folder, self.total_steps), {}))
+        addr, port = ray.get(self.learners[0].address.remote(), timeout=cfg.fault_tolerance.call_timeout_s)
+        self._get(self.learners.call("setup", addr, port), "learner")
+        self._get(self.rollout.call("ready") + self.teacher.call("ready"), "start")
+
+    def shutdown(self) -> None:
+        for group in (self.rollout, self.teacher, self.learners):
+            if group is not None:
+                group.kill()
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        self.rollout = self.teacher = self.learners = self.pg = None
+
+    def _get(self, refs, role: str):
+        """ray.get with the configured time-out; every controller read goes through here."""
+        return ray.get(refs, timeout=self.cfg.fault_tolerance.call_timeout_s)
+
+    # ---- weight sync -------------------------------------------------------------------------
+    def _publish(self, kind: str, version: int) -> WeightHandle:
+        handles = self._get(self.learners.call("publish", kind, version), "learner")
+        return handles[0]
+
+    def sync_rollout(self) -> None:
+        self.rollout_weights = self._publish("student", self.student_version)
+        self._get(self.rollout.call("update_weights", self.rollout_weights), "rollout")
+
+    def sync_teacher(self) -> None:
+        kind = "teacher" if self.cfg.teacher.kind == "ema" else "student"
+        self.teacher_version = self.student_version
+        self.teacher_weights = self._publish(kind, self.teacher_version)
+        self._get(self.teacher.call("update_weights", self.teacher_weights), "teacher")
+
+    # ---- one batch ---------------------------------------------------------------------------
+    def _sampling(self) -> dict:
+        rc = self.cfg.rollout
+        topk = self.cfg.loss.top_k if self.signal == "topk_student" else 0
+        return dict(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p, topk_logprobs=topk)
+
+    def make_shard(self, step: int, picks: list[tuple[int, int]]) -> PromptShard:
+        rows = [self.examples[i] for _, i in picks]
+        return PromptShard(
+            step=step, seed=self.cfg.schedule.seed * 1_000_003 + step,
+            example_index=np.array([i for _, i in picks], dtype=np.int64),
+            epoch=np.array([e for e, _ in picks], dtype=np.int64),
+            prompt_ids=[np.asarray(r.prompt_ids, dtype=np.int64) for r in rows],
+            teacher_prompt_ids=[np.asarray(r.teacher_prompt_ids, dtype=np.int64) for r in rows],
+        )
+
+    def launch(self, step: int) -> Batch:
+        picks = self.sampler.next_batch(self.cfg.schedule.prompts_per_step)
+        shards = self.make_shard(step, picks).split(self.cfg.rollout.num_workers)
+        batch = Batch(step=step, shards=shards, sampler_state=self.sampler.state_dict(), launched_at=time.perf_counter())
+        for w in range(len(shards)):
+            batch.rollout_refs.append(self._launch_rollout(batch, w))
+            batch.score_refs.append(self._launch_scores(batch, w))
+        return batch
+
+    def _launch_rollout(self, batch: Batch, worker: int) -> list[ray.ObjectRef]:
+        parts = self.cfg.learner.num_workers
+        return list(self.rollout[worker].generate.options(num_returns=1 + parts).remote(
+            batch.shards[worker], parts, self._sampling(), self.cfg.rollout.num_samples))
+
+    def _teacher_for(self, worker: int, part: int) -> int:
+        return (worker * self.cfg.learner.num_workers + part) % self.cfg.teacher.num_workers
+
+    def _launch_scores(self, batch: Batch, worker: int, parts: list[int] | None = None) -> list:
+        parts = range(self.cfg.learner.num_workers) if parts is None else parts
+        out = []
+        for part in parts:
+            scorer = self.teacher[self._teacher_for(worker, part)]
+            out.append(list(scorer.score.options(num_returns=2).remote(batch.rollout_refs[worker][1 + part])))
+        return out
+
+    def _recover(self, role: str, index: int, error: Exception) -> None:
+        """Bring a rollout/teacher actor back (Ray restarts it), re-push the weights it should hold."""
+        self.restarts[role] += 1
+        if self.restarts[role] > self.cfg.fault_tolerance.max_actor_restarts:
+            raise ActorRestartLimit(f"{role} actor {index} failed {self.restarts[role]} times; last error: {error}")
+        group = self.rollout if role == "rollout" else self.teacher
+        log.warning("%s actor %d failed (%s); restarting and re-issuing its work", role, index, type(error).__name__)
+        if isinstance(error, GetTimeoutError):  # hung: kill so that Ray restarts it
+            ray.kill(group[index], no_restart=False)
+        deadline = time.monotonic() + self.cfg.fault_tolerance.call_timeout_s
+        while True:
+            try:
+                ray.get(group[index].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        weights = self.rollout_weights if role == "rollout" else self.teacher_weights
+        if weights is not None:
+            ray.get(group[index].update_weights.remote(weights), timeout=self.cfg.fault_tolerance.call_timeout_s)
+
+    def collect(self, batch: Batch) -> dict[str, Any]:
+        """Wait for a batch's receipts, re-issuing lost work; returns rollout/teacher stats."""
+        t0 = time.perf_counter()
+        receipts = []
+        for w in range(len(batch.shards)):
+            while True:
+                try:
+                    receipts.append(self._get(batch.rollout_refs[w][0], "rollout"))
+                    break
+                except ACTOR_FAILURES as exc:
+                    self._recover("rollout", w, exc)
+                    batch.rollout_refs[w] = self._launch_rollout(batch, w)
+                    batch.score_refs[w] = self._launch_scores(batch, w)
+        t_rollout = time.perf_counter() - t0
+        score_receipts = []
+        for w in range(len(batch.shards)):
+            for part in range(self.cfg.learner.num_workers):
+                while True:
+                    try:
+                        score_receipts.append(self._get(batch.score_refs[w][part][0], "teacher"))
+                        break
+                    except ACTOR_FAILURES as exc:
+                        self._recover("teacher", self._teacher_for(w, part), exc)
+                        batch.score_refs[w][part] = self._launch_scores(batch, w, [part])[0]
+        tokens = sum(r.response_tokens for r in receipts)
+        seqs = sum(r.sequences for r in receipts)
+        return {
+            "rollout/response_len": tokens / max(seqs, 1),
+            "rollout/finished_fraction": sum(r.finished_fraction * r.sequences for r in receipts) / max(seqs, 1),
+            "rollout/tokens": tokens,
+            "rollout/policy_version_min": min(r.policy_version for r in receipts),
+            "teacher/version_min": min(r.teacher_version for r in score_receipts),
+            "time/rollout_wait": t_rollout,
+            "time/teacher_wait": time.perf_counter() - t0 - t_rollout,
+            "time/rollout_busy": max(r.seconds for r in receipts),
+            "time/teacher_busy": sum(r.seconds for r in score_receipts),
+            "examples": sorted(i for r in receipts for i in r.example_index),
+        }
+
+    def train_on(self, batch: Batch) -> dict[str, Any]:
+        parts = self.cfg.learner.num_workers
+        calls = []
+        for rank in range(parts):
+            trajs = [batch.rollout_refs[w][1 + rank] for w in range(len(batch.shards))]
+            scores = [batch.score_refs[w][rank][1] for w in range(len(batch.shards))]
+            calls.append(self.learners[rank].train_step.remote(batch.step, trajs, scores))
+        try:
+            per_rank = self._get(calls, "learner")
+        except ACTOR_FAILURES as exc:
+            raise LearnerFailure(f"learner failed at step {batch.step}: {exc}") from exc
+        return aggregate_learner_metrics(per_rank)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def restore(self, checkpoint: Path) -> dict[str, Any]:
+        state = read_state(checkpoint)
+        self._get(self.learners.call("load_checkpoint", str(checkpoint)), "learner")
+        self.step = state["step"]
+        self.student_version = state["student_version"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.restarts = state.get("restarts", self.restarts)
+        self.sync_rollout()
+        self.student_version, saved_teacher = state["student_version"], state["teacher_version"]
+        if self.cfg.teacher.kind != "frozen":
+            self.sync_teacher()
+            self.teacher_version = saved_teacher
+        return state
+
+    def save(self, sampler_state: dict[str, Any]) -> Path:
+        tmp = self.checkpoints.begin(self.step)
+        client = {"step": self.step}
+        self._get(self.learners.call("save_checkpoint", str(tmp), client), "learner")
+        state = {"step": self.step, "student_version": self.student_version, "teacher_version": self.teacher_version,
+                 "sampler": sampler_state, "restarts": self.restarts, "total_steps": self.total_steps,
+                 "config": self.cfg.model_dump(mode="json")}
+        return self.checkpoints.commit(tmp, self.step, state)
+
+    def run(self, resume: Path | None = None, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``total_steps`` (or ``stop_after`` more steps); returns a summary."""
+        cfg = self.cfg
+        self.checkpoints.clean_partial()
+        if resume is not None:
+            self.restore(resume)
+        metrics_log = MetricsLogger(self.run_dir, cfg.output.tensorboard, append=resume is not None)
+        progress = Progress(self.total_steps, cfg.output.progress, start=self.step)
+        pending: deque[Batch] = deque()
+        next_launch = self.step + 1
+        last_step = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+        history: list[dict[str, Any]] = []
+        run_start = time.perf_counter()
+        try:
+            while self.step < last_step:
+                while next_launch <= last_step and len(pending) <= cfg.schedule.max_staleness:
+                    pending.append(self.launch(next_launch))
+                    next_launch += 1
+                batch = pending.popleft()
+                step_start = time.perf_counter()
+                stats = self.collect(batch)
+                t_learn = time.perf_counter()
+                learned = self.train_on(batch)
+                self.step = batch.step
+                self.student_version = self.step
+                t_sync = time.perf_counter()
+                if self.step % cfg.rollout.sync_every == 0:
+                    self.sync_rollout()
+                if cfg.teacher.kind != "frozen" and self.step % cfg.teacher.sync_every == 0:
+                    self.sync_teacher()
+                t_end = time.perf_counter()
+                staleness = (self.step - 1) - learned["policy_version_min"]
+                bound = cfg.schedule.max_staleness + cfg.rollout.sync_every - 1
+                if staleness > bound:
+                    raise AssertionError(f"step {self.step}: trajectory staleness {staleness} exceeds the bound {bound}")
+                record = {
+                    **{k: v for k, v in learned.items() if k != "policy_version_min"},
+                    **stats,
+                    "staleness": staleness,
+                    "student_version": self.student_version,
+                    "teacher_version": self.teacher_version,
+                    "epoch": batch.sampler_state["position"] / max(len(self.examples), 1),
+                    "time/learner": t_sync - t_learn,
+                    "time/sync": t_end - t_sync,
+                    "time/step": t_end - step_start,
+                    "throughput/tokens_per_s": stats["rollout/tokens"] / max(t_end - step_start, 1e-9),
+                    "restarts/rollout": self.restarts["rollout"],
+                    "restarts/teacher": self.restarts["teacher"],
+                }
+                if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0 or (
+                        cfg.output.save_final and self.step == self.total_steps):
+                    t_ckpt = time.perf_counter()
+                    record["checkpoint"] = str(self.save(batch.sampler_state))
+                    record["time/checkpoint"] = time.perf_counter() - t_ckpt
+                metrics_log.log(self.step, record)
+                history.append(record)
+                progress.update(self.step, f"loss {record['loss']:.4f}  kl {record['divergence']:.4f}")
+        finally:
+            progress.close()
+            metrics_log.close()
+        return {"steps": self.step, "seconds": time.perf_counter() - run_start, "history": history,
+                "latest_checkpoint": str(self.checkpoints.latest() or "")}
+
+
+def aggregate_learner_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the ranks' per-sequence sums into global means."""
+    seqs = sum(m["sequences"] for m in per_rank)
+    out: dict[str, Any] = {}
+    for key in per_rank[0]:
+        if key.endswith("_sum"):
+            name = key[: -len("_sum")]
+            total = sum(m.get(key, 0.0) for m in per_rank)
+            out[name] = total if name == "masked_tokens" else total / max(seqs, 1)
+    out["sequences"] = seqs
+    out["response_tokens"] = sum(m["response_tokens"] for m in per_rank)
+    out["grad_norm"] = per_rank[0]["grad_norm"]
+    out["lr"] = per_rank[0]["lr"]
+    out["policy_version_min"] = min(m["policy_version_min"] for m in per_rank)
+    out["time/learner_busy"] = max(m["seconds"] for m in per_rank)
+    if "ema_seconds" in per_rank[0]:
+        out["time/ema"] = per_rank[0]["ema_seconds"]
+    return out
