@@ -177,9 +177,14 @@ class Controller:
         )
 
     def launch(self, step: int) -> Batch:
+        """Take the next prompts from the data stream and start generating and scoring them."""
         picks = self.sampler.next_batch(self.cfg.schedule.prompts_per_step)
+        return self.launch_picks(step, picks, self.sampler.state_dict())
+
+    def launch_picks(self, step: int, picks: list[tuple[int, int]], sampler_state: dict | None = None) -> Batch:
+        """Start rollout + scoring for given (epoch, example) pairs (also used for fixed probe batches)."""
         shards = self.make_shard(step, picks).split(self.cfg.rollout.num_workers)
-        batch = Batch(step=step, shards=shards, sampler_state=self.sampler.state_dict(), launched_at=time.perf_counter())
+        batch = Batch(step=step, shards=shards, sampler_state=sampler_state or {}, launched_at=time.perf_counter())
         for w in range(len(shards)):
             batch.rollout_refs.append(self._launch_rollout(batch, w))
             batch.score_refs.append(self._launch_scores(batch, w))
@@ -262,13 +267,22 @@ class Controller:
             "examples": sorted(i for r in receipts for i in r.example_index),
         }
 
-    def train_on(self, batch: Batch) -> dict[str, Any]:
-        parts = self.cfg.learner.num_workers
+    def _learner_calls(self, method: str, batch: Batch, *args) -> list[ray.ObjectRef]:
+        """Learner ``rank`` gets part ``rank`` of every rollout worker's output (refs only)."""
         calls = []
-        for rank in range(parts):
+        for rank in range(self.cfg.learner.num_workers):
             trajs = [batch.rollout_refs[w][1 + rank] for w in range(len(batch.shards))]
             scores = [batch.score_refs[w][rank][1] for w in range(len(batch.shards))]
-            calls.append(self.learners[rank].train_step.remote(batch.step, trajs, scores))
+            calls.append(getattr(self.learners[rank], method).remote(*args, trajs, scores))
+        return calls
+
+    def evaluate(self, batch: Batch) -> float:
+        """The distillation loss of the current student on a collected batch (no update)."""
+        results = self._get(self._learner_calls("evaluate", batch), "learner")
+        return sum(r["loss"] * r["count"] for r in results) / max(sum(r["count"] for r in results), 1.0)
+
+    def train_on(self, batch: Batch) -> dict[str, Any]:
+        calls = self._learner_calls("train_step", batch, batch.step)
         try:
             per_rank = self._get(calls, "learner")
         except ACTOR_FAILURES as exc:

@@ -19,7 +19,7 @@ def pad_right(seqs: Sequence[np.ndarray], value, dtype=torch.long, width: int | 
     out = torch.full((len(seqs), width, *np.asarray(seqs[0]).shape[1:]) if seqs else (0, width), value, dtype=dtype)
     for i, s in enumerate(seqs):
         if len(s):
-            out[i, : len(s)] = torch.as_tensor(np.asarray(s))
+            out[i, : len(s)] = torch.tensor(np.asarray(s))
     return out
 
 
@@ -47,8 +47,8 @@ def response_logits(
     attention = torch.zeros((batch, p_max + t_max), dtype=torch.long)
     for b, (p, r) in enumerate(zip(prompts, responses)):
         start = p_max - len(p)
-        input_ids[b, start:p_max] = torch.as_tensor(np.asarray(p, dtype=np.int64))
-        input_ids[b, p_max : p_max + len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
+        input_ids[b, start:p_max] = torch.tensor(np.asarray(p), dtype=torch.long)
+        input_ids[b, p_max : p_max + len(r)] = torch.tensor(np.asarray(r), dtype=torch.long)
         attention[b, start : p_max + len(r)] = 1
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     out = model(

@@ -135,7 +135,7 @@ def stop_token_ids(tokenizer, model_config=None) -> list[int]:
 
 
 def build_random_model(folder: str | Path, tokenizer, *, hidden_size: int = 32, layers: int = 2,
-                       heads: int = 2, seed: int = 0) -> Path:
+                       heads: int = 2, seed: int = 0, initializer_range: float = 0.02) -> Path:
     """Save a tiny randomly initialised Llama-architecture model with ``tokenizer`` (tests, benchmarks)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -145,6 +145,7 @@ def build_random_model(folder: str | Path, tokenizer, *, hidden_size: int = 32, 
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=1024, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config)
     folder = Path(folder)

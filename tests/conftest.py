@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,7 +23,9 @@ FACTS = [("Zorbia", "Quelmarsh"), ("Velandor", "Tirrik"), ("Ostravel", "Nimbrel"
 def tiny_model_dir(tmp_path_factory) -> Path:
     from sdft_ray.models import build_random_model
 
-    return build_random_model(tmp_path_factory.mktemp("tiny_model"), make_test_tokenizer())
+    # A wide initialisation makes the random model's next-token distributions depend on the context,
+    # so that the demonstration-conditioned teacher differs measurably from the student.
+    return build_random_model(tmp_path_factory.mktemp("tiny_model"), make_test_tokenizer(), initializer_range=0.3)
 
 
 def write_facts(path: Path, n: int = 8) -> Path:
@@ -54,13 +55,13 @@ def ray_local():
     yield ray
 
 
-def tiny_config(model_dir: Path, data: Path, out: Path, **sections):
+def tiny_config(model_dir: Path, data_path: Path, out: Path, **sections):
     """A RunConfig for the tiny model; ``sections`` override whole-section fields, e.g. loss={"alpha": 1}."""
     from sdft_ray.config import config_from_dict
 
     tree = {
         "model": {"path": str(model_dir)},
-        "data": {"path": str(data)},
+        "data": {"path": str(data_path)},
         "rollout": {"num_workers": 1, "max_new_tokens": 8, "batch_size": 8},
         "teacher": {"num_workers": 1, "micro_batch_size": 8},
         "learner": {"num_workers": 1, "lr": 1e-3, "micro_batch_size": 4, "warmup_ratio": 0.0, "lr_schedule": "constant"},
