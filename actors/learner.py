@@ -25,7 +25,7 @@ from sdft_ray.forward import micro_batches, pad_right, response_logits
 from sdft_ray.losses import LossSpec, TeacherSignal, distillation_loss, response_loss_mask
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.trajectory import TeacherScores, Trajectories
-from sdft_ray.weights import ObjectStoreTransport, WeightHandle
+from sdft_ray.weights import FileTransport, ObjectStoreTransport, WeightHandle, get_transport
 
 
 def free_port() -> int:
@@ -252,8 +252,14 @@ class LearnerWorker:
         return {"loss": total / max(weight, 1.0), "count": weight}
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def save_checkpoint(self, folder: str, client_state: dict) -> dict:
-        """Collective: DeepSpeed state in ``folder/deepspeed``; rank 0 also writes the HF student and EMA."""
+    def save_checkpoint(self, folder: str, client_state: dict, snapshots: dict[str, WeightHandle] | None = None) -> dict:
+        """Collective: DeepSpeed state in ``folder/deepspeed``; rank 0 also writes the HF student and EMA.
+
+        ``snapshots`` are weights that a role holds but that differ from the learner's current
+        ones (rollout weights synced every N > 1 steps, a teacher synced less often than the
+        EMA moves): rank 0 stores them as ``weights_<name>.safetensors`` so a resume restores
+        exactly what each role held.
+        """
         from safetensors.torch import save_file
 
         folder_path = Path(folder)
@@ -268,6 +274,9 @@ class LearnerWorker:
         load_tokenizer(self.model_folder).save_pretrained(folder_path / "student")
         if self.ema is not None:
             save_file({n: t.contiguous() for n, t in self.ema.state_dict().items()}, str(folder_path / "teacher_ema.safetensors"))
+        for name, handle in (snapshots or {}).items():
+            named = get_transport(handle.transport).receive(handle)
+            FileTransport().publish(named, handle.version, handle.kind, path=str(folder_path / f"weights_{name}.safetensors"))
         return {"rank": 0}
 
     def load_checkpoint(self, folder: str) -> dict:

@@ -154,9 +154,9 @@ class Controller:
         self.rollout_weights = self._publish("student", self.student_version)
         self._get(self.rollout.call("update_weights", self.rollout_weights), "rollout")
 
-    def sync_teacher(self) -> None:
+    def sync_teacher(self, version: int | None = None) -> None:
         kind = "teacher" if self.cfg.teacher.kind == "ema" else "student"
-        self.teacher_version = self.student_version
+        self.teacher_version = self.student_version if version is None else version
         self.teacher_weights = self._publish(kind, self.teacher_version)
         self._get(self.teacher.call("update_weights", self.teacher_weights), "teacher")
 
@@ -297,19 +297,37 @@ class Controller:
         self.student_version = state["student_version"]
         self.sampler.load_state_dict(state["sampler"])
         self.restarts = state.get("restarts", self.restarts)
-        self.sync_rollout()
-        self.student_version, saved_teacher = state["student_version"], state["teacher_version"]
-        if self.cfg.teacher.kind != "frozen":
-            self.sync_teacher()
-            self.teacher_version = saved_teacher
+        snapshots = state.get("snapshots", {})
+        if "rollout" in snapshots:  # the rollout workers held older weights than the learner's
+            self.rollout_weights = self._snapshot_handle(checkpoint, "rollout", snapshots["rollout"])
+            self._get(self.rollout.call("update_weights", self.rollout_weights), "rollout")
+        elif state.get("rollout_version", 0) > 0:  # version 0 = the model folder, as freshly started
+            self.sync_rollout()
+        if "teacher" in snapshots:
+            self.teacher_version = snapshots["teacher"]["version"]
+            self.teacher_weights = self._snapshot_handle(checkpoint, "teacher", snapshots["teacher"])
+            self._get(self.teacher.call("update_weights", self.teacher_weights), "teacher")
+        elif self.cfg.teacher.kind != "frozen" and state["teacher_version"] > 0:
+            self.sync_teacher(state["teacher_version"])
         return state
+
+    @staticmethod
+    def _snapshot_handle(checkpoint: Path, name: str, meta: dict) -> WeightHandle:
+        return WeightHandle(meta["version"], meta["kind"], "file", (str(checkpoint / f"weights_{name}.safetensors"),))
 
     def save(self, sampler_state: dict[str, Any]) -> Path:
         tmp = self.checkpoints.begin(self.step)
         client = {"step": self.step}
-        self._get(self.learners.call("save_checkpoint", str(tmp), client), "learner")
+        snapshots = {}
+        if self.rollout_weights is not None and self.rollout_weights.version != self.student_version:
+            snapshots["rollout"] = self.rollout_weights
+        if self.teacher_weights is not None and self.teacher_version != self.student_version:
+            snapshots["teacher"] = self.teacher_weights
+        self._get(self.learners.call("save_checkpoint", str(tmp), client, snapshots), "learner")
         state = {"step": self.step, "student_version": self.student_version, "teacher_version": self.teacher_version,
+                 "rollout_version": self.rollout_weights.version if self.rollout_weights else 0,
                  "sampler": sampler_state, "restarts": self.restarts, "total_steps": self.total_steps,
+                 "snapshots": {k: {"version": h.version, "kind": h.kind} for k, h in snapshots.items()},
                  "config": self.cfg.model_dump(mode="json")}
         return self.checkpoints.commit(tmp, self.step, state)
 
@@ -319,7 +337,8 @@ class Controller:
         self.checkpoints.clean_partial()
         if resume is not None:
             self.restore(resume)
-        metrics_log = MetricsLogger(self.run_dir, cfg.output.tensorboard, append=resume is not None)
+        metrics_log = MetricsLogger(self.run_dir, cfg.output.tensorboard,
+                                    resume_step=self.step if resume is not None else None)
         progress = Progress(self.total_steps, cfg.output.progress, start=self.step)
         pending: deque[Batch] = deque()
         next_launch = self.step + 1

@@ -8,13 +8,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdft_ray.checkpoint import atomic_write_text
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, append: bool = False):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+        """A fresh log, or (``resume_step`` given) the existing one cut back to that step and continued."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+        if resume_step is not None and self.path.is_file():
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        self._file = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

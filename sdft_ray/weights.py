@@ -129,9 +129,33 @@ class InProcessTransport(WeightTransport):
             yield from unpack_bucket(bucket)
 
 
+class FileTransport(WeightTransport):
+    """A safetensors file on shared storage (checkpoint snapshots of what a role held)."""
+
+    name = "file"
+
+    def publish(self, named_tensors, version, kind, path: str | None = None):
+        from safetensors.torch import save_file
+
+        if path is None:
+            raise ValueError("FileTransport.publish needs a path")
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in named_tensors}
+        save_file(tensors, path, metadata={"version": str(version), "kind": kind})
+        return WeightHandle(version, kind, self.name, (str(path),), sum(t.numel() * t.element_size() for t in tensors.values()),
+                            len(tensors))
+
+    def receive(self, handle):
+        from safetensors import safe_open
+
+        with safe_open(handle.payload[0], framework="pt") as fh:
+            for name in fh.keys():
+                yield name, fh.get_tensor(name)
+
+
 TRANSPORTS: dict[str, type[WeightTransport]] = {
     ObjectStoreTransport.name: ObjectStoreTransport,
     InProcessTransport.name: InProcessTransport,
+    FileTransport.name: FileTransport,
 }
 
 

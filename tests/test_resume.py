@@ -1,0 +1,143 @@
+"""Exact resume after killing the training process, and checkpoints that survive an interrupted write."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sdft_ray.checkpoint import CheckpointManager, read_state
+from sdft_ray.metrics import read_metrics
+from sdft_ray.runner import REPO_ROOT
+
+
+def write_run_config(path: Path, model_dir: Path, data: Path, out: Path, steps: int) -> Path:
+    tree = {
+        "model": {"path": str(model_dir)},
+        "data": {"path": str(data)},
+        "rollout": {"num_workers": 1, "max_new_tokens": 8, "batch_size": 8, "sync_every": 1},
+        # Teacher synced every 2 steps: a resume must restore the teacher weights as they were.
+        "teacher": {"num_workers": 1, "micro_batch_size": 8, "kind": "ema", "ema_rate": 0.1, "sync_every": 2},
+        "learner": {"num_workers": 1, "lr": 1e-2, "micro_batch_size": 4},
+        "schedule": {"prompts_per_step": 4, "max_steps": steps, "seed": 3},
+        "placement": {r: {"num_cpus": 0.5, "torch_threads": 1} for r in ("rollout", "teacher", "learner")},
+        "output": {"dir": str(out), "checkpoint_every": 1, "keep_last": 10, "tensorboard": False, "progress": False},
+    }
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sdft_ray.cli", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ""}
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = CheckpointManager(run_dir / "checkpoints").latest()
+    return load_file(str(latest / "student" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
+    steps = 5
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_cfg = write_run_config(tmp_path / "full.yaml", tiny_model_dir, tiny_data, full_dir, steps)
+    cut_cfg = write_run_config(tmp_path / "cut.yaml", tiny_model_dir, tiny_data, cut_dir, steps)
+    subprocess.run(cli("train", str(full_cfg)), check=True, env=env(), cwd=REPO_ROOT, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    kill_after = random.Random(os.getpid()).randint(1, steps - 2)
+    proc = subprocess.Popen(cli("train", str(cut_cfg)), env=env(), cwd=REPO_ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    metrics = cut_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(read_metrics(metrics)) >= kill_after:
+            break
+        assert proc.poll() is None, "training exited before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the actors it started
+    proc.wait()
+    killed_at = CheckpointManager(cut_dir / "checkpoints").latest()
+    assert killed_at is not None and read_state(killed_at)["step"] < steps
+
+    subprocess.run(cli("train", str(cut_cfg), "--resume", "latest"), check=True, env=env(), cwd=REPO_ROOT,
+                   timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    full, cut = losses_by_step(full_dir), losses_by_step(cut_dir)
+    assert sorted(cut) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert cut[step] == pytest.approx(full[step], rel=1e-5, abs=1e-7), (step, kill_after, cut, full)
+    a, b = final_weights(full_dir), final_weights(cut_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path):
+    """A process killed half-way through writing checkpoint 2 leaves checkpoint 1 intact and loadable."""
+    root = tmp_path / "checkpoints"
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from pathlib import Path
+        from safetensors.torch import save_file
+        from sdft_ray.checkpoint import CheckpointManager
+        mgr = CheckpointManager({str(root)!r}, keep_last=2)
+        for step in (1, 2):
+            tmp = mgr.begin(step)
+            (tmp / "student").mkdir()
+            save_file({{"w": torch.full((256, 256), float(step))}}, str(tmp / "student" / "model.safetensors"))
+            if step == 2:  # die after the weights, before the state file and the rename
+                os.kill(os.getpid(), signal.SIGKILL)
+            mgr.commit(tmp, step, {{"step": step}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=env(), cwd=REPO_ROOT)
+    assert proc.returncode == -signal.SIGKILL
+    mgr = CheckpointManager(root)
+    latest = mgr.latest()
+    assert latest is not None and latest.name == "step-00000001"
+    assert read_state(latest) == {"step": 1}
+    assert load_file(str(latest / "student" / "model.safetensors"))["w"].eq(1.0).all()
+    assert [p.name for p in mgr.complete()] == ["step-00000001"]
+    removed = mgr.clean_partial()
+    assert len(removed) == 1 and removed[0].name.startswith(".tmp-step-00000002")
+
+
+def test_commit_is_atomic_when_state_write_fails(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path / "c", keep_last=3)
+    mgr.commit(mgr.begin(1), 1, {"step": 1})
+    import sdft_ray.checkpoint as ck
+
+    def boom(path, text):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "atomic_write_text", boom)
+    with pytest.raises(OSError):
+        mgr.commit(mgr.begin(2), 2, {"step": 2})
+    monkeypatch.undo()
+    assert mgr.latest().name == "step-00000001"
+    assert (tmp_path / "c" / "latest").read_text().strip() == "step-00000001"
+
+
+def test_rotation_keeps_last_n(tmp_path):
+    mgr = CheckpointManager(tmp_path / "c", keep_last=2)
+    for step in range(1, 5):
+        mgr.commit(mgr.begin(step), step, {"step": step})
+    assert [p.name for p in mgr.complete()] == ["step-00000003", "step-00000004"]
+    assert mgr.latest().name == "step-00000004"
