@@ -102,7 +102,7 @@ class Controller:
             bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
             bundle.update(pc.node_resources.get(role, {}))
             bundles += [dict(bundle) for _ in range(count)]
-        self.pg = placement_group(bundles, strategy=pc.strategy, name=f"sdft-{os.getpid()}")
+        self.pg = placement_group(bundles, strategy=pc.strategy)
         try:
             ray.get(self.pg.ready(), timeout=cfg.fault_tolerance.call_timeout_s)
         except GetTimeoutError:
