@@ -22,9 +22,10 @@ from actors.group import set_torch_threads
 from sdft_ray.config import RunConfig
 from sdft_ray.ema import EmaWeights
 from sdft_ray.forward import micro_batches, pad_right, response_logits
-from sdft_ray.losses import LossSpec, TeacherSignal, distillation_loss, response_loss_mask
+from sdft_ray.losses import LossSpec, TeacherSignal, distillation_loss, response_loss_mask, sft_loss
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.trajectory import TeacherScores, Trajectories
+from sdft_ray.variants import get_variant
 from sdft_ray.weights import FileTransport, ObjectStoreTransport, WeightHandle, get_transport
 
 
@@ -86,6 +87,7 @@ class LearnerWorker:
         self.ema: EmaWeights | None = None
         self.step = 0
         self.transport = ObjectStoreTransport()
+        self.supervised = not get_variant(self.cfg).uses_rollout  # SFT: no teacher, NLL of the responses
 
     # ---- set-up ---------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -176,13 +178,17 @@ class LearnerWorker:
     def _load_parts(self, traj_refs, score_refs) -> tuple[list[Trajectories], list[TeacherScores]]:
         timeout = self.cfg.fault_tolerance.call_timeout_s
         trajs = ray.get(list(traj_refs), timeout=timeout)
-        scores = ray.get(list(score_refs), timeout=timeout) if score_refs else [None] * len(trajs)
+        scores = ray.get(list(score_refs), timeout=timeout) if score_refs else None
         return trajs, scores
 
     def _micro_batch_loss(self, trajs, scores, rows, spec: LossSpec):
         prompts = [trajs[p].prompt_ids[r] for p, r in rows]
         responses = [trajs[p].response_ids[r] for p, r in rows]
         logits, ids, mask = response_logits(self.engine, prompts, responses, self.pad_id)
+        if scores is None:  # no teacher: supervised fine-tuning on the given responses
+            loss, metrics = sft_loss(logits, ids, mask, spec.aggregation)
+            count = float(mask.sum() if spec.aggregation == "token_mean" else mask.any(-1).sum())
+            return loss, metrics, count
         signal = collate_signal(scores, rows, ids.shape[1], self.device)
         rollout_lp = pad_right([trajs[p].rollout_logprobs[r] for p, r in rows], 0.0, torch.float32, ids.shape[1])
         loss, metrics = distillation_loss(spec, logits, ids, mask, signal, rollout_lp.to(self.device))
@@ -195,7 +201,8 @@ class LearnerWorker:
         """Global count (sequences with a loss token, or loss tokens) and this rank's share."""
         lengths = torch.as_tensor([len(r) for t in trajs for r in t.response_ids])
         width = int(lengths.max()) if len(lengths) else 1
-        mask = response_loss_mask(torch.arange(width)[None] < lengths[:, None], spec.skip_first_tokens)
+        skip = 0 if self.supervised else spec.skip_first_tokens
+        mask = response_loss_mask(torch.arange(width)[None] < lengths[:, None], skip)
         local = float(mask.any(-1).sum() if spec.aggregation == "sequence_mean" else mask.sum())
         total = torch.tensor([local], dtype=torch.float64)
         if self.world_size > 1:
@@ -226,7 +233,7 @@ class LearnerWorker:
             sequences=len(rows), response_tokens=sum(len(t.response_ids[r]) for t in trajs for r in range(len(t))),
             grad_norm=float(self.engine.get_global_grad_norm() or 0.0), lr=float(self.engine.get_lr()[0]),
             policy_version_min=min(t.policy_version for t in trajs),
-            teacher_version=min(s.teacher_version for s in scores) if scores[0] is not None else -1,
+            teacher_version=min(s.teacher_version for s in scores) if scores else -1,
             seconds=time.perf_counter() - start,
         )
         if self.cfg.teacher.kind == "ema" and EmaWeights.should_update(step, self.cfg.teacher.ema_every):

@@ -52,6 +52,7 @@ class RolloutWorker:
             rollout_logprobs=[g.logprobs for g in gens],
             finished=np.array([g.finished for g in gens], dtype=bool),
             rollout_topk_ids=[g.topk_ids for g in gens] if spec.topk_logprobs else None,
+            contexts=None if shard.contexts is None else [shard.contexts[r] for r in rows],
         )
         lengths = [len(g.token_ids) for g in gens]
         receipt = RolloutReceipt(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -64,12 +65,19 @@ def _to_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 class TeacherScorer:
     def __init__(self, worker_index: int, model_folder: str, dtype: str, signal: str, top_k: int,
                  micro_batch_size: int, transfer_dtype: str = "float32", trust_remote_code: bool = False,
-                 resources: dict | None = None):
+                 resources: dict | None = None, run_config: dict | None = None):
         set_torch_threads(resources)
         self.worker_index = worker_index
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_causal_lm(model_folder, dtype, trust_remote_code).to(device).eval()
-        self.pad_id = int(load_tokenizer(model_folder, trust_remote_code).pad_token_id)
+        self.tokenizer = load_tokenizer(model_folder, trust_remote_code)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.variant = None
+        if run_config is not None:
+            from sdft_ray.config import RunConfig
+            from sdft_ray.variants import get_variant
+
+            self.variant = get_variant(RunConfig.model_validate(run_config))
         self.signal, self.top_k, self.micro_batch_size = signal, top_k, micro_batch_size
         self.transfer_dtype = torch_dtype(transfer_dtype)
         self.version = 0
@@ -85,6 +93,9 @@ class TeacherScorer:
     def score(self, traj: Trajectories):
         """Returns ``(receipt, TeacherScores)``: call with ``num_returns=2``."""
         start = time.perf_counter()
+        prompts = self.variant.teacher_prompts(traj, self.tokenizer) if self.variant is not None else None
+        if prompts is not None:  # the variant builds the teacher's context from the student's attempt
+            traj = dataclasses.replace(traj, teacher_prompt_ids=prompts)
         scores = score_trajectories(self.model, traj, self.pad_id, self.signal, self.top_k,
                                     self.micro_batch_size, self.transfer_dtype, self.version)
         receipt = ScoreReceipt(worker=self.worker_index, teacher_version=self.version, sequences=len(traj),

@@ -66,8 +66,14 @@ class RolloutConfig(_Section):
     vllm: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM(...) keyword arguments.")
 
 
+class AlgorithmConfig(_Section):
+    variant: str = Field("sdft", description="sdft | sdpo | opd | sft, or 'module:Class' (see sdft_ray/variants).")
+    feedback_fn: str | None = Field(None, description="sdpo: 'module:function' giving feedback on an attempt.")
+
+
 class TeacherConfig(_Section):
     kind: Literal["ema", "frozen", "live"] = Field("ema", description="EMA of the student, the base model, or the student.")
+    model_path: str | None = Field(None, description="A different teacher model folder (variant opd); same tokenizer.")
     ema_rate: float = Field(0.01, ge=0, le=1, description="teacher <- (1-rate)*teacher + rate*student.")
     ema_every: int = Field(1, ge=1, description="EMA update every N optimizer steps.")
     sync_every: int = Field(1, ge=1, description="Push teacher weights to the scoring group every N steps.")
@@ -149,6 +155,7 @@ class OutputConfig(_Section):
 
 
 class RunConfig(_Section):
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)

@@ -39,7 +39,8 @@ from sdft_ray.config import RunConfig
 from sdft_ray.data import EpochSampler
 from sdft_ray.metrics import MetricsLogger, Progress
 from sdft_ray.prompts import TokenizedExample
-from sdft_ray.trajectory import PromptShard
+from sdft_ray.trajectory import PromptShard, RolloutReceipt, Trajectories
+from sdft_ray.variants import get_variant
 from sdft_ray.weights import WeightHandle
 
 log = logging.getLogger("sdft_ray")
@@ -74,10 +75,15 @@ class Batch:
 
 class Controller:
     def __init__(self, cfg: RunConfig, model_folder: str | Path, examples: list[TokenizedExample],
-                 run_dir: str | Path | None = None):
+                 run_dir: str | Path | None = None, contexts: dict[int, dict] | None = None,
+                 targets: dict[int, tuple[int, ...]] | None = None):
         self.cfg = cfg
+        self.variant = get_variant(cfg)
         self.model_folder = str(model_folder)
+        self.teacher_folder = str(self.variant.teacher_model(Path(model_folder)))
         self.examples = examples
+        self.contexts = contexts  # per dataset row, for variants that build the teacher context late
+        self.targets = targets  # per dataset row, the demonstration's token ids (SFT)
         self.run_dir = Path(run_dir or cfg.output.dir)
         self.total_steps = total_steps(cfg, len(examples))
         self.sampler = EpochSampler(len(examples), cfg.schedule.seed, cfg.data.shuffle)
@@ -95,7 +101,9 @@ class Controller:
     # ---- actors ------------------------------------------------------------------------------
     def start(self) -> None:
         cfg, pc = self.cfg, self.cfg.placement
-        roles = [("rollout", cfg.rollout.num_workers, pc.rollout), ("teacher", cfg.teacher.num_workers, pc.teacher),
+        generating = self.variant.uses_rollout
+        roles = [("rollout", cfg.rollout.num_workers if generating else 0, pc.rollout),
+                 ("teacher", cfg.teacher.num_workers if generating else 0, pc.teacher),
                  ("learner", cfg.learner.num_workers, pc.learner)]
         bundles = []
         for role, count, res in roles:
@@ -111,6 +119,16 @@ class Controller:
                 f"{ray.cluster_resources()}: lower placement.*.num_cpus/num_gpus or add nodes") from None
         restarts = cfg.fault_tolerance.max_actor_restarts
         common = dict(dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        cfg_dict = cfg.model_dump(mode="json")
+        first_learner = roles[0][1] + roles[1][1]
+        self.learners = ActorGroup(
+            "learner", LearnerWorker, cfg.learner.num_workers, self.pg, first_learner, pc.learner,
+            lambda i: ((i, cfg.learner.num_workers, cfg_dict, self.model_folder, self.total_steps), {}))
+        addr, port = ray.get(self.learners[0].address.remote(), timeout=cfg.fault_tolerance.call_timeout_s)
+        setup = self.learners.call("setup", addr, port)
+        if not generating:
+            self._get(setup, "learner")
+            return
         self.rollout = ActorGroup(
             "rollout", RolloutWorker, cfg.rollout.num_workers, self.pg, 0, pc.rollout,
             lambda i: ((i, self.model_folder, cfg.rollout.engine), dict(
@@ -119,19 +137,12 @@ class Controller:
             max_restarts=restarts)
         self.teacher = ActorGroup(
             "teacher", TeacherScorer, cfg.teacher.num_workers, self.pg, cfg.rollout.num_workers, pc.teacher,
-            lambda i: ((i, self.model_folder, cfg.model.dtype, self.signal, cfg.loss.top_k,
+            lambda i: ((i, self.teacher_folder, cfg.model.dtype, self.signal, cfg.loss.top_k,
                         cfg.teacher.micro_batch_size), dict(
                 transfer_dtype=cfg.teacher.transfer_dtype, trust_remote_code=cfg.model.trust_remote_code,
-                resources=pc.teacher.model_dump())),
+                resources=pc.teacher.model_dump(), run_config=cfg_dict)),
             max_restarts=restarts)
-        first_learner = cfg.rollout.num_workers + cfg.teacher.num_workers
-        cfg_dict = cfg.model_dump(mode="json")
-        self.learners = ActorGroup(
-            "learner", LearnerWorker, cfg.learner.num_workers, self.pg, first_learner, pc.learner,
-            lambda i: ((i, cfg.learner.num_workers, cfg_dict, self.model_folder, self.total_steps), {}))
-        addr, port = ray.get(self.learners[0].address.remote(), timeout=cfg.fault_tolerance.call_timeout_s)
-        self._get(self.learners.call("setup", addr, port), "learner")
-        self._get(self.rollout.call("ready") + self.teacher.call("ready"), "start")
+        self._get(setup + self.rollout.call("ready") + self.teacher.call("ready"), "start")
 
     def shutdown(self) -> None:
         for group in (self.rollout, self.teacher, self.learners):
@@ -151,10 +162,14 @@ class Controller:
         return handles[0]
 
     def sync_rollout(self) -> None:
+        if self.rollout is None:
+            return
         self.rollout_weights = self._publish("student", self.student_version)
         self._get(self.rollout.call("update_weights", self.rollout_weights), "rollout")
 
     def sync_teacher(self, version: int | None = None) -> None:
+        if self.teacher is None:
+            return
         kind = "teacher" if self.cfg.teacher.kind == "ema" else "student"
         self.teacher_version = self.student_version if version is None else version
         self.teacher_weights = self._publish(kind, self.teacher_version)
@@ -174,6 +189,7 @@ class Controller:
             epoch=np.array([e for e, _ in picks], dtype=np.int64),
             prompt_ids=[np.asarray(r.prompt_ids, dtype=np.int64) for r in rows],
             teacher_prompt_ids=[np.asarray(r.teacher_prompt_ids, dtype=np.int64) for r in rows],
+            contexts=[self.contexts[r.index] for r in rows] if self.contexts is not None else None,
         )
 
     def launch(self, step: int) -> Batch:
@@ -183,12 +199,32 @@ class Controller:
 
     def launch_picks(self, step: int, picks: list[tuple[int, int]], sampler_state: dict | None = None) -> Batch:
         """Start rollout + scoring for given (epoch, example) pairs (also used for fixed probe batches)."""
+        if not self.variant.uses_rollout:
+            return self._demonstration_batch(step, picks, sampler_state)
         shards = self.make_shard(step, picks).split(self.cfg.rollout.num_workers)
         batch = Batch(step=step, shards=shards, sampler_state=sampler_state or {}, launched_at=time.perf_counter())
         for w in range(len(shards)):
             batch.rollout_refs.append(self._launch_rollout(batch, w))
             batch.score_refs.append(self._launch_scores(batch, w))
         return batch
+
+    def _demonstration_batch(self, step: int, picks, sampler_state) -> Batch:
+        """SFT: the demonstrations are the responses; put one part per learner into the object store."""
+        shard = self.make_shard(step, picks)
+        responses = [np.asarray(self.targets[self.examples[i].index], dtype=np.int64) for _, i in picks]
+        traj = Trajectories(
+            step=step, policy_version=self.student_version, example_index=shard.example_index, epoch=shard.epoch,
+            sample_index=np.zeros(len(picks), dtype=np.int64), prompt_ids=shard.prompt_ids,
+            teacher_prompt_ids=shard.teacher_prompt_ids, response_ids=responses,
+            rollout_logprobs=[np.zeros(len(r), dtype=np.float32) for r in responses],
+            finished=np.ones(len(picks), dtype=bool))
+        tokens = sum(len(r) for r in responses)
+        receipt = RolloutReceipt(worker=-1, step=step, policy_version=self.student_version, sequences=len(traj),
+                                 response_tokens=tokens, mean_response_len=tokens / max(len(traj), 1),
+                                 finished_fraction=1.0, seconds=0.0, example_index=[int(i) for _, i in picks])
+        parts = [ray.put(p) for p in traj.split(self.cfg.learner.num_workers)]
+        return Batch(step=step, shards=[shard], sampler_state=sampler_state or {},
+                     rollout_refs=[[ray.put(receipt), *parts]], score_refs=[], launched_at=time.perf_counter())
 
     def _launch_rollout(self, batch: Batch, worker: int) -> list[ray.ObjectRef]:
         parts = self.cfg.learner.num_workers
@@ -243,7 +279,7 @@ class Controller:
                     batch.score_refs[w] = self._launch_scores(batch, w)
         t_rollout = time.perf_counter() - t0
         score_receipts = []
-        for w in range(len(batch.shards)):
+        for w in range(len(batch.score_refs)):
             for part in range(self.cfg.learner.num_workers):
                 while True:
                     try:
@@ -259,11 +295,11 @@ class Controller:
             "rollout/finished_fraction": sum(r.finished_fraction * r.sequences for r in receipts) / max(seqs, 1),
             "rollout/tokens": tokens,
             "rollout/policy_version_min": min(r.policy_version for r in receipts),
-            "teacher/version_min": min(r.teacher_version for r in score_receipts),
+            "teacher/version_min": min((r.teacher_version for r in score_receipts), default=-1),
             "time/rollout_wait": t_rollout,
             "time/teacher_wait": time.perf_counter() - t0 - t_rollout,
             "time/rollout_busy": max(r.seconds for r in receipts),
-            "time/teacher_busy": sum(r.seconds for r in score_receipts),
+            "time/teacher_busy": sum((r.seconds for r in score_receipts), 0.0),
             "examples": sorted(i for r in receipts for i in r.example_index),
         }
 
@@ -271,8 +307,8 @@ class Controller:
         """Learner ``rank`` gets part ``rank`` of every rollout worker's output (refs only)."""
         calls = []
         for rank in range(self.cfg.learner.num_workers):
-            trajs = [batch.rollout_refs[w][1 + rank] for w in range(len(batch.shards))]
-            scores = [batch.score_refs[w][rank][1] for w in range(len(batch.shards))]
+            trajs = [batch.rollout_refs[w][1 + rank] for w in range(len(batch.rollout_refs))]
+            scores = [batch.score_refs[w][rank][1] for w in range(len(batch.score_refs))]
             calls.append(getattr(self.learners[rank], method).remote(*args, trajs, scores))
         return calls
 
@@ -388,7 +424,7 @@ class Controller:
                     record["time/checkpoint"] = time.perf_counter() - t_ckpt
                 metrics_log.log(self.step, record)
                 history.append(record)
-                progress.update(self.step, f"loss {record['loss']:.4f}  kl {record['divergence']:.4f}")
+                progress.update(self.step, f"loss {record['loss']:.4f}")
         finally:
             progress.close()
             metrics_log.close()

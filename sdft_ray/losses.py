@@ -198,6 +198,18 @@ def importance_weights(train_token_logp: Tensor, rollout_token_logp: Tensor, mas
     return torch.where(counts > 0, ratio.sum(-1) / counts.clamp(min=1), 1.0)
 
 
+def sft_loss(logits: Tensor, response_ids: Tensor, response_mask: Tensor,
+             aggregation: Aggregation = "sequence_mean") -> tuple[Tensor, dict[str, float]]:
+    """Negative log-likelihood of the demonstration tokens (the SFT baseline), same aggregation."""
+    nll = -token_logprobs(logits, response_ids)
+    mask = response_mask.bool()
+    loss = aggregate(nll, mask, aggregation)
+    with torch.no_grad():
+        count = mask.sum()
+        mean_nll = float((nll.detach() * mask).sum() / count.clamp(min=1))
+    return loss, {"loss": float(loss.detach()), "nll": mean_nll, "masked_tokens": float(count)}
+
+
 @dataclass(frozen=True)
 class LossSpec:
     alpha: float = 0.0               # 0 forward KL, 1 reverse KL, between: generalized JSD

@@ -29,6 +29,14 @@ class PreparedRun:
     model_folder: Path
     examples: list[TokenizedExample]
     data_stats: dict[str, int]
+    contexts: dict[int, dict] | None = None  # per row: prompt + extra columns (variants that need them)
+    targets: dict[int, tuple[int, ...]] | None = None  # per row: demonstration token ids (SFT)
+
+    def controller(self, run_dir=None):
+        from sdft_ray.controller import Controller
+
+        return Controller(self.cfg, self.model_folder, self.examples, run_dir or self.cfg.output.dir,
+                          contexts=self.contexts, targets=self.targets)
 
 
 def prompt_builder(cfg: RunConfig, tokenizer) -> PromptBuilder:
@@ -40,16 +48,32 @@ def prompt_builder(cfg: RunConfig, tokenizer) -> PromptBuilder:
 
 def prepare(cfg: RunConfig) -> PreparedRun:
     """Resolve the model, load and tokenize the data: every input error surfaces here."""
+    from sdft_ray.variants import get_variant
+
+    variant = get_variant(cfg)
     model_folder = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
     tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
-    raw = load_examples(cfg.data.path, columns=cfg.data.columns, split=cfg.data.split, limit=cfg.data.limit)
-    examples, stats = prompt_builder(cfg, tokenizer).build(raw)
+    if variant.teacher_model(model_folder) != model_folder:
+        teacher_vocab = len(load_tokenizer(variant.teacher_model(model_folder), cfg.model.trust_remote_code))
+        if teacher_vocab != len(tokenizer):
+            raise ValueError(f"teacher.model_path: the teacher's tokenizer has {teacher_vocab} tokens, the student's "
+                             f"{len(tokenizer)}: distillation needs the same vocabulary")
+    raw = load_examples(cfg.data.path, columns=cfg.data.columns, split=cfg.data.split, limit=cfg.data.limit,
+                        require_demonstration=variant.requires_demonstration or not variant.uses_rollout)
+    examples, stats = variant.tokenize(prompt_builder(cfg, tokenizer), raw)
     if not examples:
         raise ValueError(f"data.path {cfg.data.path}: no example left after the length policy ({stats})")
     if len(examples) < cfg.schedule.prompts_per_step:
         log.warning("only %d examples for %d prompts per step: batches repeat examples across epochs",
                     len(examples), cfg.schedule.prompts_per_step)
-    return PreparedRun(cfg, model_folder, examples, stats)
+    by_row = {ex.index: ex for ex in raw}
+    contexts = {e.index: variant.context(by_row[e.index]) for e in examples} if variant.needs_context else None
+    targets = None
+    if not variant.uses_rollout:  # SFT: the demonstration followed by the end-of-turn token
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        targets = {e.index: tuple(tokenizer(by_row[e.index].demonstration, add_special_tokens=False)["input_ids"]) + tuple(eos)
+                   for e in examples}
+    return PreparedRun(cfg, model_folder, examples, stats, contexts, targets)
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -71,7 +95,7 @@ def init_ray(cfg: RunConfig) -> None:
 
 
 def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    from sdft_ray.controller import Controller, LearnerFailure
+    from sdft_ray.controller import LearnerFailure
 
     prepared = prepare(cfg)
     init_ray(cfg)
@@ -81,7 +105,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
     checkpoint = resolve_resume(resume, run_dir / "checkpoints") if resume else None
     attempts = cfg.fault_tolerance.max_run_restarts
     while True:
-        controller = Controller(cfg, prepared.model_folder, prepared.examples, run_dir)
+        controller = prepared.controller(run_dir)
         try:
             controller.start()
             summary = controller.run(resume=checkpoint, stop_after=stop_after)

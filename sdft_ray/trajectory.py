@@ -25,6 +25,7 @@ class PromptShard:
     epoch: np.ndarray  # [N] int64
     prompt_ids: list[np.ndarray]  # student prompt token ids
     teacher_prompt_ids: list[np.ndarray]  # demonstration-conditioned prompt token ids
+    contexts: list[dict] | None = None  # prompt text + extra columns, for variants that build context late
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -42,6 +43,7 @@ class PromptShard:
             epoch=self.epoch[rows],
             prompt_ids=[self.prompt_ids[r] for r in rows],
             teacher_prompt_ids=[self.teacher_prompt_ids[r] for r in rows],
+            contexts=None if self.contexts is None else [self.contexts[r] for r in rows],
         )
 
 
@@ -60,6 +62,7 @@ class Trajectories:
     rollout_logprobs: list[np.ndarray]  # [T] float32, behaviour-policy log-probs (temperature 1)
     finished: np.ndarray  # [B] bool, stopped on a stop token (else hit max_new_tokens)
     rollout_topk_ids: list[np.ndarray] | None = None  # [T, k] int64, the sampler's top-k
+    contexts: list[dict] | None = None  # see PromptShard.contexts
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -79,6 +82,7 @@ class Trajectories:
             rollout_logprobs=pick(self.rollout_logprobs),
             finished=self.finished[rows],
             rollout_topk_ids=pick(self.rollout_topk_ids),
+            contexts=pick(self.contexts),
         )
 
     def split(self, parts: int) -> list["Trajectories"]:

