@@ -1,0 +1,67 @@
+"""The config schema: YAML + --set overrides, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdft_ray.config import load_config, parse_override
+from sdft_ray.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.schedule.prompts_per_step >= 1
+
+
+def test_overrides_are_typed_yaml(tmp_path):
+    cfg = load_config(None, ["loss.alpha=0.5", "learner.zero_stage=3", "rollout.vllm={max_model_len: 512}",
+                             "prompts.system_prompt=Be brief.", "schedule.max_steps=7"])
+    assert cfg.loss.alpha == 0.5 and cfg.learner.zero_stage == 3
+    assert cfg.rollout.vllm == {"max_model_len": 512}
+    assert cfg.prompts.system_prompt == "Be brief." and cfg.schedule.max_steps == 7
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+@pytest.mark.parametrize("override, field", [
+    ("loss.alpah=0.5", "loss.alpah"),                 # misspelt key
+    ("loss.alpha=1.5", "loss.alpha"),                 # out of range
+    ("learner.zero_stage=4", "learner.zero_stage"),   # not a stage
+    ("rollout.num_workers=zero", "rollout.num_workers"),
+    ("loss.estimator=sampled", "loss.estimator"),     # needs alpha 1
+])
+def test_errors_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert field.split(".")[-1] in str(err.value)
+
+
+def test_batch_divisibility_is_checked_before_any_actor():
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(None, ["schedule.prompts_per_step=6", "rollout.num_workers=4"])
+
+
+def test_yaml_file_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  alpha: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(top)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="a.b=value"):
+        load_config(None, ["novalue"])
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["loss.alpha=0.25", "teacher.kind=frozen"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
