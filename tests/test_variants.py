@@ -13,7 +13,7 @@ from conftest_tokenizer import make_test_tokenizer
 from sdft_ray.models import build_random_model
 from sdft_ray.runner import prepare
 from sdft_ray.trajectory import Trajectories
-from sdft_ray.variants import SDPO, get_variant
+from sdft_ray.variants import SDPO, Variant, get_variant
 
 
 def facts_with_answers(path, n=8):
@@ -95,3 +95,21 @@ def test_unknown_variant_is_a_clear_error(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path / "x.jsonl", tmp_path / "run", algorithm={"variant": "nope"})
     with pytest.raises(ValueError, match="algorithm.variant"):
         get_variant(cfg)
+
+
+class HintDistillation(Variant):  # the example of docs/variants.md
+    name = "hint"
+
+    def tokenize(self, builder, examples):
+        import dataclasses
+
+        return builder.build([dataclasses.replace(ex, demonstration=ex.extra["hint"]) for ex in examples])
+
+
+def test_user_variant_by_module_path(tiny_model_dir, tmp_path):
+    data = tmp_path / "hints.jsonl"
+    data.write_text(json.dumps({"prompt": "Capital of Land1?", "demonstration": "City1.", "hint": "It starts with C."}) + "\n")
+    cfg = tiny_config(tiny_model_dir, data, tmp_path / "run", algorithm={"variant": "test_variants:HintDistillation"})
+    prepared = prepare(cfg)
+    teacher = make_test_tokenizer().decode(prepared.examples[0].teacher_prompt_ids)
+    assert "It starts with C." in teacher and "City1." not in teacher
