@@ -197,6 +197,10 @@ class LearnerWorker:
         count = float(loss_mask.sum() if spec.aggregation == "token_mean" else loss_mask.any(-1).sum())
         return loss, metrics, count
 
+    @staticmethod
+    def _lengths(trajs: list[Trajectories], rows: list[tuple[int, int]]) -> list[int]:
+        return [len(trajs[p].prompt_ids[r]) + len(trajs[p].response_ids[r]) for p, r in rows]
+
     def _normaliser(self, trajs: list[Trajectories], spec: LossSpec) -> tuple[float, float]:
         """Global count (sequences with a loss token, or loss tokens) and this rank's share."""
         lengths = torch.as_tensor([len(r) for t in trajs for r in t.response_ids])
@@ -221,7 +225,7 @@ class LearnerWorker:
         self.engine.train()
         sums: dict[str, float] = {}
         share = self.world_size / max(total, 1.0)  # DeepSpeed averages gradients over ranks
-        for mb in micro_batches(len(rows), self.micro_batch_size):
+        for mb in micro_batches(len(rows), self.micro_batch_size, self._lengths(trajs, rows)):
             loss, metrics, count = self._micro_batch_loss(trajs, scores, [rows[i] for i in mb], spec)
             self.engine.backward(loss * count * share * self.gas)
             self.engine.step()
@@ -252,7 +256,7 @@ class LearnerWorker:
         rows = [(p, r) for p, t in enumerate(trajs) for r in range(len(t))]
         self.engine.eval()
         total, weight = 0.0, 0.0
-        for mb in micro_batches(len(rows), self.micro_batch_size):
+        for mb in micro_batches(len(rows), self.micro_batch_size, self._lengths(trajs, rows)):
             loss, _, count = self._micro_batch_loss(trajs, scores, [rows[i] for i in mb], spec)
             total += float(loss) * count
             weight += count

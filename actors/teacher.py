@@ -25,33 +25,36 @@ def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_
     Sampled-token log-probs are always returned (for the implicit reward metric).
     """
     kind = {"full": "full", "topk_teacher": "topk", "topk_student": "topk", "token": "token"}[signal]
-    out = TeacherScores(teacher_version=version, kind=kind, token_logprobs=[],
+    n = len(traj)
+    out = TeacherScores(teacher_version=version, kind=kind, token_logprobs=[None] * n,
                         transfer_dtype=str(transfer_dtype).removeprefix("torch."))
     if kind == "full":
-        out.full_logprobs = []
+        out.full_logprobs = [None] * n
     if kind == "topk":
-        out.topk_ids, out.topk_logprobs = [], []
+        out.topk_ids, out.topk_logprobs = [None] * n, [None] * n
+    lengths = [len(p) + len(r) for p, r in zip(traj.teacher_prompt_ids, traj.response_ids)]
     with torch.no_grad():
-        for rows in micro_batches(len(traj), micro_batch_size):
+        for rows in micro_batches(n, micro_batch_size, lengths):
             logits, ids, mask = response_logits(
                 model, [traj.teacher_prompt_ids[r] for r in rows], [traj.response_ids[r] for r in rows], pad_id)
             logp = logits.float().log_softmax(-1)
             tok = logp.gather(-1, ids[..., None]).squeeze(-1)
             for j, r in enumerate(rows):
                 n = len(traj.response_ids[r])
-                out.token_logprobs.append(tok[j, :n].cpu().numpy())
+                t = len(traj.response_ids[r])
+                out.token_logprobs[r] = tok[j, :t].cpu().numpy()
                 if kind == "full":
-                    out.full_logprobs.append(_to_numpy(logp[j, :n], transfer_dtype))
+                    out.full_logprobs[r] = _to_numpy(logp[j, :t], transfer_dtype)
                 elif signal == "topk_teacher":
-                    top = logp[j, :n].topk(top_k, dim=-1)
-                    out.topk_ids.append(top.indices.cpu().numpy())
-                    out.topk_logprobs.append(top.values.cpu().numpy())
+                    top = logp[j, :t].topk(top_k, dim=-1)
+                    out.topk_ids[r] = top.indices.cpu().numpy()
+                    out.topk_logprobs[r] = top.values.cpu().numpy()
                 elif signal == "topk_student":
                     if traj.rollout_topk_ids is None:
                         raise ValueError("loss.topk_source 'student' needs the rollout's top-k ids")
-                    sid = torch.as_tensor(traj.rollout_topk_ids[r][:n], device=logp.device)
-                    out.topk_ids.append(sid.cpu().numpy())
-                    out.topk_logprobs.append(logp[j, :n].gather(-1, sid).cpu().numpy())
+                    sid = torch.as_tensor(traj.rollout_topk_ids[r][:t], device=logp.device)
+                    out.topk_ids[r] = sid.cpu().numpy()
+                    out.topk_logprobs[r] = logp[j, :t].gather(-1, sid).cpu().numpy()
     return out
 
 

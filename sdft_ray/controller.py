@@ -386,6 +386,7 @@ class Controller:
                 while next_launch <= last_step and len(pending) <= cfg.schedule.max_staleness:
                     pending.append(self.launch(next_launch))
                     next_launch += 1
+                queued = len(pending) - 1  # batches generated/scored ahead of this one
                 batch = pending.popleft()
                 step_start = time.perf_counter()
                 stats = self.collect(batch)
@@ -407,6 +408,7 @@ class Controller:
                     **{k: v for k, v in learned.items() if k != "policy_version_min"},
                     **stats,
                     "staleness": staleness,
+                    "queue/batches_ahead": queued,
                     "student_version": self.student_version,
                     "teacher_version": self.teacher_version,
                     "epoch": batch.sampler_state["position"] / max(len(self.examples), 1),
@@ -428,8 +430,35 @@ class Controller:
         finally:
             progress.close()
             metrics_log.close()
-        return {"steps": self.step, "seconds": time.perf_counter() - run_start, "history": history,
+        seconds = time.perf_counter() - run_start
+        utilisation = utilisation_summary(history, seconds)
+        if history and cfg.output.progress:
+            print_utilisation(utilisation)
+        return {"steps": self.step, "seconds": seconds, "history": history, "utilisation": utilisation,
                 "latest_checkpoint": str(self.checkpoints.latest() or "")}
+
+
+def utilisation_summary(history: list[dict[str, Any]], wall_seconds: float) -> dict[str, dict[str, float]]:
+    """Busy seconds per role over the run, and the share of wall-clock time each role was busy."""
+    out = {}
+    for role, key in (("rollout", "time/rollout_busy"), ("teacher", "time/teacher_busy"),
+                      ("learner", "time/learner_busy"), ("weight sync", "time/sync"), ("checkpoint", "time/checkpoint")):
+        busy = sum(h.get(key, 0.0) for h in history)
+        out[role] = {"busy_s": busy, "utilisation": busy / wall_seconds if wall_seconds else 0.0,
+                     "idle_s": max(0.0, wall_seconds - busy)}
+    return out
+
+
+def print_utilisation(summary: dict[str, dict[str, float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="time per role (busy = working on this run's batches)")
+    for column in ("role", "busy s", "idle s", "busy share of wall clock"):
+        table.add_column(column)
+    for role, row in summary.items():
+        table.add_row(role, f"{row['busy_s']:.1f}", f"{row['idle_s']:.1f}", f"{100 * row['utilisation']:.0f}%")
+    Console(stderr=True).print(table)
 
 
 def aggregate_learner_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:

@@ -64,5 +64,8 @@ def response_logits(
     return logits, ids, mask
 
 
-def micro_batches(n: int, size: int) -> list[range]:
-    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+def micro_batches(n: int, size: int, lengths: Sequence[int] | None = None) -> list[Sequence[int]]:
+    """Row indices in chunks of ``size``; with ``lengths``, longest first so that each chunk
+    holds rows of similar length (less padding). Chunk sums are order-free, so losses agree."""
+    order = list(range(n)) if lengths is None else sorted(range(n), key=lambda i: -lengths[i])
+    return [order[i : i + size] for i in range(0, n, size)]

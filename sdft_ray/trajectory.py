@@ -86,8 +86,9 @@ class Trajectories:
         )
 
     def split(self, parts: int) -> list["Trajectories"]:
-        bounds = np.linspace(0, len(self), parts + 1).astype(int)
-        return [self.select(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+        """Equal-count parts for the learner ranks, dealt longest-first so token counts balance too."""
+        order = sorted(range(len(self)), key=lambda i: -(len(self.prompt_ids[i]) + len(self.response_ids[i])))
+        return [self.select(sorted(order[p::parts])) for p in range(parts)]
 
     @property
     def response_tokens(self) -> int:

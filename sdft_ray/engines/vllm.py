@@ -104,16 +104,26 @@ def _unpack_logprobs(logprobs, token_ids: Sequence[int], offset: int, count: int
     return tok, top_ids, top_lps
 
 
-def _refresh_cpu_lm_head(worker) -> int:
-    """Runs inside the vLLM worker: re-pack the CPU GEMM weights of every LM head."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+class WorkerExtension:
+    """Methods added to vLLM's worker class (``worker_extension_cls``), called by name through
+    ``LLM.collective_rpc``: by-name calls need no pickled callables, also across processes."""
 
-    count = 0
-    for module in worker.model_runner.get_model().modules():
-        if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
-            module.quant_method.process_weights_after_loading(module)
-            count += 1
-    return count
+    def sdft_reload_safetensors(self, blob: bytes) -> None:
+        """In-place reload from a safetensors byte string (engine in another process)."""
+        from safetensors.torch import load
+
+        self.reload_weights(weights_iterator=iter(load(blob).items()), is_checkpoint_format=True)
+
+    def sdft_refresh_lm_head(self) -> int:
+        """Re-pack the CPU GEMM weights of every LM head (see ``VLLMEngine.load_weights``)."""
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        count = 0
+        for module in self.model_runner.get_model().modules():
+            if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
+                module.quant_method.process_weights_after_loading(module)
+                count += 1
+        return count
 
 
 class VLLMEngine:
@@ -139,6 +149,8 @@ class VLLMEngine:
             raise ValueError("rollout.vllm.logprobs_mode must be 'raw_logprobs': the learner's "
                              "importance ratios and losses use temperature-1 log-probs")
         kwargs.setdefault("max_logprobs", 64)  # top-k requests above this are refused by vLLM
+        # Our weight-update RPCs; a user-given extension must subclass WorkerExtension.
+        kwargs.setdefault("worker_extension_cls", f"{__name__}.WorkerExtension")
         if current_platform.is_cpu():
             kwargs.setdefault("enforce_eager", True)
             if "gpu_memory_utilization" not in kwargs and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -281,13 +293,15 @@ class VLLMEngine:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted(),
                                                              "is_checkpoint_format": True})
         else:
-            # Engine core in another process: the tensors are serialised with the call.
-            items = [(n, t.detach().cpu().contiguous()) for n, t in counted()]
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items,
-                                                             "is_checkpoint_format": True})
+            # Engine core and worker in other processes: the RPC arguments are msgpack-encoded,
+            # which does not carry (name, tensor) pairs intact, so ship one safetensors blob.
+            from safetensors.torch import save
+
+            blob = save({n: t.detach().cpu().contiguous() for n, t in counted()})
+            self.llm.collective_rpc("sdft_reload_safetensors", args=(blob,))
         # vLLM-CPU 0.32: a tied lm_head (tie_word_embeddings) keeps the GEMM weights it packed at
         # start-up (the reload only re-packs the embedding it shares its parameter with).
-        self.llm.collective_rpc(_refresh_cpu_lm_head)
+        self.llm.collective_rpc("sdft_refresh_lm_head")
         self.llm.reset_prefix_cache()
         return count
 

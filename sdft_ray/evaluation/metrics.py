@@ -126,7 +126,7 @@ def extract_choice(response: str, choices: str = "ABCDE") -> str | None:
     """The letter chosen in ``response``, or None when there is none or it is ambiguous.
 
     In order: the last explicit statement ("Answer: B", "the answer is (B)", "option B"),
-    a letter opening the response ("(B) ...", "B.", "B)", "B:" or just "B"), else the only
+    a letter opening the response ("(B) ...", "B.", "B)", "b)", "B:" or just "B"), else the only
     distinct parenthesised letter "(B)". Letters outside parentheses must be upper-case so
     that the article "a" is never read as a choice.
     """
@@ -137,7 +137,7 @@ def extract_choice(response: str, choices: str = "ABCDE") -> str | None:
         response)
     if stated:
         return "".join(stated[-1]).upper()
-    opening = re.match(rf"\s*(?:\(([{letters}{low}])\)|([{letters}])(?:[.):]|\s*$))", response)
+    opening = re.match(rf"\s*(?:\(([{letters}{low}])\)|([{letters}])(?:[.):]|\s*$)|([{low}])\))", response)
     if opening:
         return "".join(opening.groups("")).upper()
     bracketed = {m.upper() for m in re.findall(rf"\(([{letters}{low}])\)", response)}
@@ -247,9 +247,31 @@ def metric_options(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def _check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Reject option values the metric would only fail on at scoring time."""
+    if name == "regex":
+        pattern, which = options.get("pattern", "answer"), options.get("which", "last")
+        if not isinstance(pattern, str):
+            raise ValueError(f"metric 'regex': pattern must be a string, got {pattern!r}")
+        try:
+            _compile(pattern)
+        except re.error as e:
+            raise ValueError(f"metric 'regex': invalid pattern {pattern!r}: {e}") from None
+        if which not in ("first", "last"):
+            raise ValueError(f"metric 'regex': which must be 'first' or 'last', got {which!r}")
+    if name == "multiple_choice":
+        choices = options.get("choices", "ABCDE")
+        if not isinstance(choices, str) or not re.fullmatch(r"[A-Z]+", choices):
+            raise ValueError(f"metric 'multiple_choice': choices must be upper-case letters, got {choices!r}")
+    if name == "tool_call":
+        partial = options.get("partial", 0.5)
+        if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 <= partial <= 1:
+            raise ValueError(f"metric 'tool_call': partial must be a number in [0, 1], got {partial!r}")
+
+
 def get_metric(name: str, options: Mapping[str, Any] | None = None) -> Scorer:
     """``score(response, reference)`` for metric ``name`` with ``options`` bound; raises
-    ValueError for an unknown metric or option (and checks a regex pattern compiles)."""
+    ValueError for an unknown metric or option, or an invalid option value."""
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
     options = dict(options or {})
@@ -257,9 +279,5 @@ def get_metric(name: str, options: Mapping[str, Any] | None = None) -> Scorer:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"metric {name!r} has no option(s) {unknown}; allowed: {sorted(allowed) or 'none'}")
-    if name == "regex" and "pattern" in options:
-        try:
-            _compile(str(options["pattern"]))
-        except re.error as e:
-            raise ValueError(f"metric 'regex': invalid pattern {options['pattern']!r}: {e}") from None
+    _check_options(name, options)
     return functools.partial(METRICS[name], **options) if options else METRICS[name]
