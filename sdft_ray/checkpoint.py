@@ -17,6 +17,7 @@ previous checkpoint and ``latest`` only ever names complete ones.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -77,7 +78,8 @@ class CheckpointManager:
         return Path(tempfile.mkdtemp(prefix=f".tmp-{self.name(step)}-", dir=self.root))
 
     def commit(self, tmp: Path, step: int, state: dict[str, Any]) -> Path:
-        """Write ``state.json`` last, rename the folder into place, point ``latest`` at it, rotate."""
+        """Write ``state.json`` last (with a digest of every file), rename into place, point ``latest`` at it, rotate."""
+        state = {**state, "files": file_digests(tmp)}
         atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
         final = self.root / self.name(step)
         if final.exists():  # re-saving the same step (e.g. after a resume): replace atomically
@@ -111,16 +113,50 @@ class CheckpointManager:
         return done[-1] if done else None
 
 
-def resolve_resume(value: str, root: str | Path) -> Path:
-    """``--resume latest`` or a checkpoint folder -> a complete checkpoint folder (or a clear error)."""
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (except the state file), by relative path."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digests[str(path.relative_to(folder))] = h.hexdigest()
+    return digests
+
+
+def verify(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose files differ from what its run wrote (corrupt or replaced)."""
+    expected = read_state(checkpoint).get("files")
+    if expected is None:
+        raise ValueError(f"{checkpoint}: no file digests in {STATE_FILE}; not written by sdft-ray")
+    actual = file_digests(checkpoint)
+    changed = sorted(set(expected) ^ set(actual) | {k for k in expected if actual.get(k) != expected[k]})
+    if changed:
+        raise ValueError(f"{checkpoint}: files changed since the checkpoint was written: {changed[:5]}")
+
+
+def resolve_resume(value: str, root: str | Path, trust: bool = False) -> Path:
+    """``--resume latest`` or a checkpoint folder -> a verified, complete checkpoint folder.
+
+    DeepSpeed's optimizer state is a pickle, so a checkpoint outside this run's own
+    checkpoint folder is refused unless ``trust`` (``--trust-checkpoint``) is given, and every
+    checkpoint's files must match the digests recorded when it was written.
+    """
     if value in ("latest", "auto"):
         found = CheckpointManager(root).latest()
         if found is None:
             raise FileNotFoundError(f"--resume {value}: no complete checkpoint under {root}")
-        return found
-    path = Path(value)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume {value}: not a complete checkpoint (no {STATE_FILE})")
+        path = found
+    else:
+        path = Path(value)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume {value}: not a complete checkpoint (no {STATE_FILE})")
+        inside = Path(root).resolve() in path.resolve().parents
+        if not inside and not trust:
+            raise PermissionError(f"--resume {value}: not under this run's {root}; its optimizer state is a pickle: "
+                                  "pass --trust-checkpoint only for checkpoints you wrote")
+    verify(path)
     return path
 
 

@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c",
                        help="override a config value (repeatable)")
     train.add_argument("--resume", metavar="latest|PATH", help="resume from the latest or a given checkpoint")
+    train.add_argument("--trust-checkpoint", action="store_true",
+                       help="allow --resume from a checkpoint outside this run's output.dir (it contains pickles)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     export = sub.add_parser("export", help="export a checkpoint to a Hugging Face model folder")
     export.add_argument("checkpoint", help="a checkpoint folder (runs/x/checkpoints/step-...) or a run folder")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from sdft_ray.runner import train
 
-            summary = train(cfg, resume=args.resume)
+            summary = train(cfg, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
             last = summary["history"][-1] if summary["history"] else {}
             print(json.dumps({"steps": summary["steps"], "seconds": round(summary["seconds"], 1),
                               "final_loss": last.get("loss"), "checkpoint": summary["latest_checkpoint"]}))
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = CheckpointManager(ckpt / "checkpoints").latest() or ckpt
         print(export_checkpoint(ckpt, args.out, args.weights))
         return 0
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -94,7 +94,8 @@ def init_ray(cfg: RunConfig) -> None:
              dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, log_to_driver=True)
 
 
-def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = None,
+          trust_checkpoint: bool = False) -> dict[str, Any]:
     from sdft_ray.controller import LearnerFailure
 
     prepared = prepare(cfg)
@@ -102,7 +103,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    checkpoint = resolve_resume(resume, run_dir / "checkpoints") if resume else None
+    checkpoint = resolve_resume(resume, run_dir / "checkpoints", trust_checkpoint) if resume else None
     attempts = cfg.fault_tolerance.max_run_restarts
     while True:
         controller = prepared.controller(run_dir)

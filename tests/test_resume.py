@@ -112,7 +112,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path):
     mgr = CheckpointManager(root)
     latest = mgr.latest()
     assert latest is not None and latest.name == "step-00000001"
-    assert read_state(latest) == {"step": 1}
+    assert read_state(latest)["step"] == 1
     assert load_file(str(latest / "student" / "model.safetensors"))["w"].eq(1.0).all()
     assert [p.name for p in mgr.complete()] == ["step-00000001"]
     removed = mgr.clean_partial()
@@ -141,3 +141,20 @@ def test_rotation_keeps_last_n(tmp_path):
         mgr.commit(mgr.begin(step), step, {"step": step})
     assert [p.name for p in mgr.complete()] == ["step-00000003", "step-00000004"]
     assert mgr.latest().name == "step-00000004"
+
+
+def test_resume_refuses_foreign_or_changed_checkpoints(tmp_path):
+    from sdft_ray.checkpoint import resolve_resume
+
+    mgr = CheckpointManager(tmp_path / "run" / "checkpoints")
+    tmp = mgr.begin(1)
+    (tmp / "weights.bin").write_bytes(b"original")
+    path = mgr.commit(tmp, 1, {"step": 1})
+    assert resolve_resume("latest", mgr.root) == path
+    assert resolve_resume(str(path), mgr.root) == path
+    with pytest.raises(PermissionError, match="trust-checkpoint"):
+        resolve_resume(str(path), tmp_path / "other" / "checkpoints")
+    assert resolve_resume(str(path), tmp_path / "other", trust=True) == path
+    (path / "weights.bin").write_bytes(b"replaced")
+    with pytest.raises(ValueError, match="files changed"):
+        resolve_resume("latest", mgr.root)

@@ -83,7 +83,8 @@ def _sampling(task: EvalTask, greedy: bool, seed: int) -> SamplingSpec:
                         seed=seed)
 
 
-def _summary(task: EvalTask, kind: str, scores: np.ndarray, lengths: np.ndarray) -> dict[str, Any]:
+def _summary(task: EvalTask, kind: str, scores: np.ndarray, lengths: np.ndarray,
+             finished: np.ndarray) -> dict[str, Any]:
     """One result row; ``scores`` is [examples, num_samples]. A sample counts as correct for
     pass@k when it scores full marks (1.0)."""
     row: dict[str, Any] = {"task": task.name, "kind": kind, "metric": task.metric, "n": int(scores.shape[0]),
@@ -92,6 +93,7 @@ def _summary(task: EvalTask, kind: str, scores: np.ndarray, lengths: np.ndarray)
     for k in task.k:
         row[f"pass@{k}"] = float(np.mean([pass_at_k(task.num_samples, int(c), k) for c in correct]))
     row["mean_response_tokens"] = float(lengths.mean())
+    row["finished_fraction"] = float(finished.mean())  # ended on a stop token, not at max_new_tokens
     return row
 
 
@@ -102,28 +104,38 @@ def evaluate_task(engine: RolloutEngine, tokenizer: Any, task: EvalTask, *, gree
                              require_demonstration=False, limit=limit)
     builder = PromptBuilder(tokenizer, system_prompt=task.system_prompt, max_prompt_tokens=_NO_LIMIT,
                             max_teacher_prompt_tokens=_NO_LIMIT)
+    scorer = task.scorer()
     references = [_reference(ex, task) for ex in examples]
+    for ex, ref in zip(examples, references):  # a bad reference fails before any generation
+        try:
+            scorer("", ref)
+        except (TypeError, ValueError) as e:
+            file, _, row = ex.source.rpartition(":")
+            raise DataError(file, f"invalid reference for metric {task.metric!r}: {e}", row=int(row),
+                            field=task.reference_column) from None
+    if not examples:
+        return TaskResult([], [])
     kinds = [str(ex.extra.get(task.kind_column)) if task.kind_column else ALL_KINDS for ex in examples]
     prompts = [builder.student_ids(ex) for ex in examples]
     n = task.num_samples
     gens = engine.generate([p for p in prompts for _ in range(n)], _sampling(task, greedy, seed))
-    scorer = task.scorer()
     scores = np.zeros((len(examples), n))
     lengths = np.zeros((len(examples), n))
+    finished = np.zeros((len(examples), n), dtype=bool)
     samples = []
     for j, gen in enumerate(gens):
         i, s = divmod(j, n)
         text = tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
         scores[i, s] = scorer(text, references[i])
-        lengths[i, s] = len(gen.token_ids)
+        lengths[i, s], finished[i, s] = len(gen.token_ids), bool(gen.finished)
         samples.append({"task": task.name, "kind": kinds[i], "index": examples[i].index, "sample": s,
                         "response": text, "reference": references[i], "score": float(scores[i, s]),
                         "finished": bool(gen.finished)})
-    rows = [_summary(task, ALL_KINDS, scores, lengths)] if examples else []
+    rows = [_summary(task, ALL_KINDS, scores, lengths, finished)]
     if task.kind_column:
         for kind in sorted(set(kinds)):
             pick = np.array([k == kind for k in kinds])
-            rows.append(_summary(task, kind, scores[pick], lengths[pick]))
+            rows.append(_summary(task, kind, scores[pick], lengths[pick], finished[pick]))
     return TaskResult(rows, samples)
 
 
@@ -142,8 +154,8 @@ def evaluate_checkpoint(
     samples: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate one checkpoint on ``tasks``; returns result rows ``{task, kind, metric, n,
-    num_samples, score, pass@k..., mean_response_tokens}`` (per task: ``kind="all"``, then one
-    row per value of the task's ``kind_column``).
+    num_samples, score, pass@k..., mean_response_tokens, finished_fraction}`` (per task:
+    ``kind="all"``, then one row per value of the task's ``kind_column``).
 
     ``model_folder`` is an HF folder, ``embedded:<name>`` or an sdft-ray checkpoint directory.
     ``engine`` is an engine kind for :func:`make_engine` (``"hf"``, ``"vllm"``) or an already
