@@ -65,3 +65,32 @@ def test_round_trip_through_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+# ---- fuzz: generated malformed configs give a ConfigError or a valid config, nothing else ----
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sdft_ray.config import RunConfig, config_from_dict  # noqa: E402
+
+_SECTIONS = {name: list(field.annotation.model_fields) for name, field in RunConfig.model_fields.items()}
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6)
+_section = st.sampled_from(sorted(_SECTIONS)).flatmap(
+    lambda s: st.tuples(st.just(s), st.dictionaries(st.sampled_from(_SECTIONS[s] + ["bogus"]), _values, max_size=4)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_section, max_size=4) | st.builds(lambda v: [("model", v)], _values))
+def test_fuzzed_configs_fail_cleanly(sections):
+    tree = {}
+    for name, body in sections:
+        tree[name] = body
+    try:
+        cfg = config_from_dict(tree, "fuzz")
+    except ConfigError as exc:
+        assert "invalid config (fuzz)" in str(exc)
+    else:
+        assert isinstance(cfg, RunConfig)
