@@ -19,6 +19,17 @@ FACTS = [("Zorbia", "Quelmarsh"), ("Velandor", "Tirrik"), ("Ostravel", "Nimbrel"
          ("Estmoor", "Vantiss"), ("Drellia", "Omburg"), ("Sarnoth", "Keldwyn"), ("Ulvania", "Brastok")]
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add overhead (a lot of it on a busy machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from sdft_ray.models import build_random_model
