@@ -29,6 +29,9 @@ from sdft_ray.variants import get_variant
 from sdft_ray.weights import FileTransport, ObjectStoreTransport, WeightHandle, get_transport
 
 
+GATHER_NUMEL = 64 * 2**20  # elements gathered at once under ZeRO-3 (256 MB in fp32)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -140,16 +143,23 @@ class LearnerWorker:
     # ---- weights ---------------------------------------------------------------------------
     def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, full fp32 CPU tensor); under ZeRO-3 gathers one parameter at a time (collective)."""
-        module = self.engine.module
-        zero3 = self.cfg.learner.zero_stage == 3
-        for name, param in module.named_parameters():
-            if zero3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    yield name, param.detach().to("cpu", torch.float32).clone()
-            else:
+        named = list(self.engine.module.named_parameters())
+        if self.cfg.learner.zero_stage != 3:
+            for name, param in named:
                 yield name, param.detach().to("cpu", torch.float32)
+            return
+        import deepspeed
+
+        # ZeRO-3: one all-gather per bucket of parameters (up to GATHER_NUMEL elements), not per tensor.
+        bucket: list[tuple[str, torch.nn.Parameter]] = []
+        for i, (name, param) in enumerate(named):
+            bucket.append((name, param))
+            size = sum(getattr(p, "ds_numel", p.numel()) for _, p in bucket)
+            if size >= GATHER_NUMEL or i == len(named) - 1:
+                with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                    copies = [(n, p.detach().to("cpu", torch.float32).clone()) for n, p in bucket]
+                yield from copies
+                bucket = []
 
     def rank0_parameters(self) -> Iterator[tuple[str, torch.Tensor]] | None:
         """Full parameters on rank 0; other ranks take part in the ZeRO-3 gathers and get None."""
