@@ -265,12 +265,15 @@ class LearnerWorker:
         spec = loss_spec(self.cfg)
         rows = [(p, r) for p, t in enumerate(trajs) for r in range(len(t))]
         self.engine.eval()
-        total, weight = 0.0, 0.0
+        sums: dict[str, float] = {}
+        weight = 0.0
         for mb in micro_batches(len(rows), self.micro_batch_size, self._lengths(trajs, rows)):
-            loss, _, count = self._micro_batch_loss(trajs, scores, [rows[i] for i in mb], spec)
-            total += float(loss) * count
+            _, metrics, count = self._micro_batch_loss(trajs, scores, [rows[i] for i in mb], spec)
+            for key in ("loss", "divergence"):
+                if key in metrics:
+                    sums[key] = sums.get(key, 0.0) + metrics[key] * count
             weight += count
-        return {"loss": total / max(weight, 1.0), "count": weight}
+        return {**{k: v / max(weight, 1.0) for k, v in sums.items()}, "count": weight}
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self, folder: str, client_state: dict, snapshots: dict[str, WeightHandle] | None = None) -> dict:

@@ -89,7 +89,7 @@ class LossConfig(_Section):
     estimator: Literal["full", "topk", "sampled"] = Field("full", description="Full vocab, top-k, or sampled token.")
     top_k: int = Field(20, ge=1, description="Support size for the top-k estimator.")
     topk_source: Literal["teacher", "student"] = Field(
-        "teacher", description="Whose top-k ids define the support (student = the rollout policy's)."
+        "student", description="Whose top-k ids define the support: the rollout policy's (student) or the teacher's."
     )
     tail_bucket: bool = Field(True, description="Top-k: add one category for the remaining mass.")
     skip_first_tokens: int = Field(3, ge=0, description="Mask the loss on the first K response tokens.")

@@ -312,10 +312,10 @@ class Controller:
             calls.append(getattr(self.learners[rank], method).remote(*args, trajs, scores))
         return calls
 
-    def evaluate(self, batch: Batch) -> float:
-        """The distillation loss of the current student on a collected batch (no update)."""
+    def evaluate(self, batch: Batch, metric: str = "loss") -> float:
+        """``loss`` (or ``divergence``) of the current student on a collected batch, without updating."""
         results = self._get(self._learner_calls("evaluate", batch), "learner")
-        return sum(r["loss"] * r["count"] for r in results) / max(sum(r["count"] for r in results), 1.0)
+        return sum(r[metric] * r["count"] for r in results) / max(sum(r["count"] for r in results), 1.0)
 
     def train_on(self, batch: Batch) -> dict[str, Any]:
         calls = self._learner_calls("train_step", batch, batch.step)
