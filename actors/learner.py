@@ -235,9 +235,16 @@ class LearnerWorker:
         self.engine.train()
         sums: dict[str, float] = {}
         share = self.world_size / max(total, 1.0)  # DeepSpeed averages gradients over ranks
-        for mb in micro_batches(len(rows), self.micro_batch_size, self._lengths(trajs, rows)):
+        batches = micro_batches(len(rows), self.micro_batch_size, self._lengths(trajs, rows))
+        grad_norm = None
+        for n, mb in enumerate(batches):
             loss, metrics, count = self._micro_batch_loss(trajs, scores, [rows[i] for i in mb], spec)
             self.engine.backward(loss * count * share * self.gas)
+            if n == len(batches) - 1 and self.cfg.learner.zero_stage == 0:
+                # Without ZeRO, DeepSpeed clips but does not record the norm: take it from the
+                # (already all-reduced) gradients before the step.
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             self.engine.step()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * (1 if key == "masked_tokens" else len(mb))
@@ -245,7 +252,7 @@ class LearnerWorker:
         out = {f"{k}_sum": v for k, v in sums.items()}
         out.update(
             sequences=len(rows), response_tokens=sum(len(t.response_ids[r]) for t in trajs for r in range(len(t))),
-            grad_norm=float(self.engine.get_global_grad_norm() or 0.0), lr=float(self.engine.get_lr()[0]),
+            grad_norm=grad_norm if grad_norm is not None else float(self.engine.get_global_grad_norm() or 0.0), lr=float(self.engine.get_lr()[0]),
             policy_version_min=min(t.policy_version for t in trajs),
             teacher_version=min(s.teacher_version for s in scores) if scores else -1,
             seconds=time.perf_counter() - start,

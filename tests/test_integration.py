@@ -68,6 +68,7 @@ def test_training_reduces_loss_and_versions_advance(controller_factory):
     assert all(h["sequences"] == 4 for h in history)
     logged = read_metrics(ctl.run_dir / "metrics.jsonl")
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert all(r["grad_norm"] > 0 for r in logged)
     for key in ("loss", "divergence", "rollout/response_len", "throughput/tokens_per_s", "time/rollout_wait",
                 "time/teacher_wait", "time/learner", "time/sync"):
         assert all(np.isfinite(r[key]) for r in logged), key
