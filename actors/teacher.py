@@ -68,11 +68,18 @@ def _to_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 class TeacherScorer:
     def __init__(self, worker_index: int, model_folder: str, dtype: str, signal: str, top_k: int,
                  micro_batch_size: int, transfer_dtype: str = "float32", trust_remote_code: bool = False,
-                 resources: dict | None = None, run_config: dict | None = None):
+                 resources: dict | None = None, run_config: dict | None = None, engine: str = "hf",
+                 engine_options: dict | None = None):
         set_torch_threads(resources)
         self.worker_index = worker_index
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_causal_lm(model_folder, dtype, trust_remote_code).to(device).eval()
+        self.model = self.vllm = None
+        if engine == "vllm":  # prompt log-probs from a vLLM engine: the shared prefix is cached
+            from sdft_ray.engines import make_engine
+
+            self.vllm = make_engine("vllm", model_folder, dtype, trust_remote_code, extra=engine_options)
+        else:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = load_causal_lm(model_folder, dtype, trust_remote_code).to(device).eval()
         self.tokenizer = load_tokenizer(model_folder, trust_remote_code)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.variant = None
@@ -89,7 +96,11 @@ class TeacherScorer:
         return {"version": self.version, "pid": os.getpid()}
 
     def update_weights(self, handle: WeightHandle) -> int:
-        load_named_tensors(self.model, get_transport(handle.transport).receive(handle))
+        named = get_transport(handle.transport).receive(handle)
+        if self.vllm is not None:
+            self.vllm.load_weights(named)
+        else:
+            load_named_tensors(self.model, named)
         self.version = handle.version
         return self.version
 
@@ -99,8 +110,11 @@ class TeacherScorer:
         prompts = self.variant.teacher_prompts(traj, self.tokenizer) if self.variant is not None else None
         if prompts is not None:  # the variant builds the teacher's context from the student's attempt
             traj = dataclasses.replace(traj, teacher_prompt_ids=prompts)
-        scores = score_trajectories(self.model, traj, self.pad_id, self.signal, self.top_k,
-                                    self.micro_batch_size, self.transfer_dtype, self.version)
+        if self.vllm is not None:
+            scores = self.vllm.score_trajectories(traj, self.signal, self.top_k, self.version)
+        else:
+            scores = score_trajectories(self.model, traj, self.pad_id, self.signal, self.top_k,
+                                        self.micro_batch_size, self.transfer_dtype, self.version)
         receipt = ScoreReceipt(worker=self.worker_index, teacher_version=self.version, sequences=len(traj),
                                seconds=time.perf_counter() - start)
         return receipt, scores

@@ -79,6 +79,8 @@ class TeacherConfig(_Section):
     sync_every: int = Field(1, ge=1, description="Push teacher weights to the scoring group every N steps.")
     num_workers: int = Field(1, ge=1, description="Teacher scoring actors.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per teacher forward pass.")
+    engine: Literal["hf", "vllm"] = Field("hf", description="Scoring with transformers, or vLLM prompt log-probs (top-k/sampled).")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM(...) arguments for teacher.engine vllm.")
     transfer_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of teacher log-probs sent through the object store."
     )
@@ -172,6 +174,10 @@ class RunConfig(_Section):
     def _cross_field_rules(self) -> "RunConfig":
         if self.loss.estimator == "sampled" and self.loss.alpha != 1.0:
             raise ValueError("loss.estimator 'sampled' is the reverse-KL policy gradient: it needs loss.alpha = 1.0")
+        if self.teacher.engine == "vllm" and not (
+                self.loss.estimator == "sampled" or (self.loss.estimator == "topk" and self.loss.topk_source == "teacher")):
+            raise ValueError("teacher.engine 'vllm' returns prompt top-k log-probs: use loss.estimator 'topk' with "
+                             "loss.topk_source 'teacher', or 'sampled'")
         seqs = self.schedule.prompts_per_step * self.rollout.num_samples
         shards = self.rollout.num_workers * self.learner.num_workers
         if seqs % shards:

@@ -140,7 +140,8 @@ class Controller:
             lambda i: ((i, self.teacher_folder, cfg.model.dtype, self.signal, cfg.loss.top_k,
                         cfg.teacher.micro_batch_size), dict(
                 transfer_dtype=cfg.teacher.transfer_dtype, trust_remote_code=cfg.model.trust_remote_code,
-                resources=pc.teacher.model_dump(), run_config=cfg_dict)),
+                resources=pc.teacher.model_dump(), run_config=cfg_dict, engine=cfg.teacher.engine,
+                engine_options=cfg.teacher.vllm)),
             max_restarts=restarts)
         self._get(setup + self.rollout.call("ready") + self.teacher.call("ready"), "start")
 

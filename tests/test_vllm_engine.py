@@ -164,3 +164,28 @@ def test_teacher_scores_match_transformers(ray_local, rollout_actor, vllm_model_
         np.testing.assert_allclose(got.token_logprobs[r], ref.token_logprobs[r], atol=1e-2)
         np.testing.assert_allclose(got.topk_logprobs[r], ref.topk_logprobs[r], atol=1e-2)
         np.testing.assert_array_equal(got.topk_ids[r], ref.topk_ids[r])
+
+
+def test_sdft_trains_with_vllm_rollout_and_vllm_teacher(ray_local, rollout_actor, vllm_model_dir, tiny_data, tmp_path):
+    """The whole loop on vLLM: rollout and teacher scoring engines in actors, weights pushed into both."""
+    import ray
+
+    from conftest import tiny_config
+    from sdft_ray.runner import prepare
+
+    ray.kill(rollout_actor)  # free the cores for the run's own actors
+    cpu = {"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 256, "enforce_eager": True}
+    cfg = tiny_config(vllm_model_dir, tiny_data, tmp_path / "run",
+                      rollout={"engine": "vllm", "vllm": cpu},
+                      teacher={"engine": "vllm", "vllm": cpu, "kind": "ema", "sync_every": 1},
+                      loss={"estimator": "topk", "topk_source": "teacher", "top_k": 5},
+                      learner={"lr": 1e-2}, schedule={"max_steps": 3})
+    ctl = prepare(cfg).controller()
+    ctl.start()
+    try:
+        history = ctl.run()["history"]
+    finally:
+        ctl.shutdown()
+    assert [h["rollout/policy_version_min"] for h in history] == [0, 1, 2]
+    assert [h["teacher/version_min"] for h in history] == [0, 1, 2]
+    assert all(np.isfinite(h["loss"]) for h in history)
