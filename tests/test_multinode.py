@@ -48,8 +48,7 @@ def three_nodes():
         # even when another cluster wrote it. Keep this test cluster out of that shared file.
         mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
         mp.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
-        node_args = dict(num_cpus=1, include_dashboard=False, node_ip_address="127.0.0.1",
-                         object_store_memory=100 * 2**20)
+        node_args = dict(num_cpus=1, include_dashboard=False, object_store_memory=100 * 2**20)
         cluster = Cluster(initialize_head=True,
                           head_node_args={**node_args, "resources": {ROLE_RESOURCE["rollout"]: 1}})
         try:
