@@ -55,9 +55,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int = 2):
+    def __init__(self, root: str | Path, keep_last: int = 2, best_mode: str = "min"):
+        """Keep the newest ``keep_last`` checkpoints, plus the best one by ``state["best_value"]``."""
         self.root = Path(root)
         self.keep_last = keep_last
+        self.best_mode = best_mode
 
     @staticmethod
     def name(step: int) -> str:
@@ -99,9 +101,20 @@ class CheckpointManager:
             return []
         return sorted(p for p in self.root.glob("step-*") if (p / STATE_FILE).is_file())
 
+    def best(self) -> Path | None:
+        """The complete checkpoint with the best recorded ``best_value`` (None if none has one)."""
+        scored = [(read_state(p).get("best_value"), p) for p in self.complete()]
+        scored = [(v, p) for v, p in scored if v is not None]
+        if not scored:
+            return None
+        pick = min if self.best_mode == "min" else max
+        return pick(scored, key=lambda vp: vp[0])[1]
+
     def rotate(self) -> None:
+        best = self.best()
         for old in self.complete()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:
+                shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
         pointer = self.root / "latest"

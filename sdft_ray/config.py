@@ -151,6 +151,8 @@ class OutputConfig(_Section):
     dir: str = Field("runs/sdft", description="Run folder: checkpoints/, metrics.jsonl, tensorboard/.")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept (older ones rotated out).")
+    keep_best: str | None = Field(None, description="Also keep the checkpoint with the best value of this step metric.")
+    best_mode: Literal["min", "max"] = Field("min", description="Whether lower or higher keep_best values are better.")
     save_final: bool = Field(True, description="Checkpoint after the last step.")
     tensorboard: bool = Field(True)
     progress: bool = Field(True, description="Show a progress bar.")

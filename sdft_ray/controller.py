@@ -93,7 +93,7 @@ class Controller:
         self.rollout_weights: WeightHandle | None = None  # what every rollout worker should hold
         self.teacher_weights: WeightHandle | None = None
         self.restarts = {"rollout": 0, "teacher": 0}
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last, cfg.output.best_mode)
         self.pg = None
         self.rollout = self.teacher = self.learners = None
         self.signal = teacher_signal_kind(cfg)
@@ -352,7 +352,7 @@ class Controller:
     def _snapshot_handle(checkpoint: Path, name: str, meta: dict) -> WeightHandle:
         return WeightHandle(meta["version"], meta["kind"], "file", (str(checkpoint / f"weights_{name}.safetensors"),))
 
-    def save(self, sampler_state: dict[str, Any]) -> Path:
+    def save(self, sampler_state: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
         tmp = self.checkpoints.begin(self.step)
         client = {"step": self.step}
         snapshots = {}
@@ -366,6 +366,9 @@ class Controller:
                  "sampler": sampler_state, "restarts": self.restarts, "total_steps": self.total_steps,
                  "snapshots": {k: {"version": h.version, "kind": h.kind} for k, h in snapshots.items()},
                  "config": self.cfg.model_dump(mode="json")}
+        if self.cfg.output.keep_best and metrics and self.cfg.output.keep_best in metrics:
+            state["best_metric"] = self.cfg.output.keep_best
+            state["best_value"] = float(metrics[self.cfg.output.keep_best])
         return self.checkpoints.commit(tmp, self.step, state)
 
     def run(self, resume: Path | None = None, stop_after: int | None = None) -> dict[str, Any]:
@@ -423,7 +426,7 @@ class Controller:
                 if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0 or (
                         cfg.output.save_final and self.step == self.total_steps):
                     t_ckpt = time.perf_counter()
-                    record["checkpoint"] = str(self.save(batch.sampler_state))
+                    record["checkpoint"] = str(self.save(batch.sampler_state, record))
                     record["time/checkpoint"] = time.perf_counter() - t_ckpt
                 metrics_log.log(self.step, record)
                 history.append(record)

@@ -158,3 +158,13 @@ def test_resume_refuses_foreign_or_changed_checkpoints(tmp_path):
     (path / "weights.bin").write_bytes(b"replaced")
     with pytest.raises(ValueError, match="files changed"):
         resolve_resume("latest", mgr.root)
+
+
+def test_rotation_also_keeps_the_best(tmp_path):
+    mgr = CheckpointManager(tmp_path / "c", keep_last=2, best_mode="min")
+    for step, loss in enumerate([0.9, 0.2, 0.5, 0.6, 0.7], start=1):
+        mgr.commit(mgr.begin(step), step, {"step": step, "best_value": loss})
+    assert [p.name for p in mgr.complete()] == ["step-00000002", "step-00000004", "step-00000005"]
+    assert mgr.best().name == "step-00000002"
+    maximising = CheckpointManager(tmp_path / "c", keep_last=1, best_mode="max")
+    assert maximising.best().name == "step-00000005"
