@@ -88,9 +88,6 @@ class ActorGroup:
         """Call ``method`` on every actor with the same arguments."""
         return [getattr(h, method).remote(*args, **kwargs) for h in self.handles]
 
-    def call_each(self, method: str, per_actor_args: list[tuple]) -> list[ray.ObjectRef]:
-        return [getattr(h, method).remote(*a) for h, a in zip(self.handles, per_actor_args)]
-
     def kill(self) -> None:
         for h in self.handles:
             ray.kill(h, no_restart=True)

@@ -70,7 +70,6 @@ class Batch:
     sampler_state: dict[str, Any]  # data position after this batch (for checkpoints)
     rollout_refs: list[list[ray.ObjectRef]] = field(default_factory=list)  # [worker] -> [receipt, part_0..]
     score_refs: list[list[ray.ObjectRef]] = field(default_factory=list)  # [worker] -> [(receipt, scores) per part]
-    launched_at: float = 0.0
 
 
 class Controller:
@@ -127,7 +126,7 @@ class Controller:
         addr, port = ray.get(self.learners[0].address.remote(), timeout=cfg.fault_tolerance.call_timeout_s)
         setup = self.learners.call("setup", addr, port)
         if not generating:
-            self._get(setup, "learner")
+            self._get(setup)
             return
         self.rollout = ActorGroup(
             "rollout", RolloutWorker, cfg.rollout.num_workers, self.pg, 0, pc.rollout,
@@ -143,7 +142,7 @@ class Controller:
                 resources=pc.teacher.model_dump(), run_config=cfg_dict, engine=cfg.teacher.engine,
                 engine_options=cfg.teacher.vllm)),
             max_restarts=restarts)
-        self._get(setup + self.rollout.call("ready") + self.teacher.call("ready"), "start")
+        self._get(setup + self.rollout.call("ready") + self.teacher.call("ready"))
 
     def shutdown(self) -> None:
         for group in (self.rollout, self.teacher, self.learners):
@@ -153,20 +152,20 @@ class Controller:
             remove_placement_group(self.pg)
         self.rollout = self.teacher = self.learners = self.pg = None
 
-    def _get(self, refs, role: str):
+    def _get(self, refs):
         """ray.get with the configured time-out; every controller read goes through here."""
         return ray.get(refs, timeout=self.cfg.fault_tolerance.call_timeout_s)
 
     # ---- weight sync -------------------------------------------------------------------------
     def _publish(self, kind: str, version: int) -> WeightHandle:
-        handles = self._get(self.learners.call("publish", kind, version), "learner")
+        handles = self._get(self.learners.call("publish", kind, version))
         return handles[0]
 
     def sync_rollout(self) -> None:
         if self.rollout is None:
             return
         self.rollout_weights = self._publish("student", self.student_version)
-        self._get(self.rollout.call("update_weights", self.rollout_weights), "rollout")
+        self._get(self.rollout.call("update_weights", self.rollout_weights))
 
     def sync_teacher(self, version: int | None = None) -> None:
         if self.teacher is None:
@@ -174,7 +173,7 @@ class Controller:
         kind = "teacher" if self.cfg.teacher.kind == "ema" else "student"
         self.teacher_version = self.student_version if version is None else version
         self.teacher_weights = self._publish(kind, self.teacher_version)
-        self._get(self.teacher.call("update_weights", self.teacher_weights), "teacher")
+        self._get(self.teacher.call("update_weights", self.teacher_weights))
 
     # ---- one batch ---------------------------------------------------------------------------
     def _sampling(self) -> dict:
@@ -203,7 +202,7 @@ class Controller:
         if not self.variant.uses_rollout:
             return self._demonstration_batch(step, picks, sampler_state)
         shards = self.make_shard(step, picks).split(self.cfg.rollout.num_workers)
-        batch = Batch(step=step, shards=shards, sampler_state=sampler_state or {}, launched_at=time.perf_counter())
+        batch = Batch(step=step, shards=shards, sampler_state=sampler_state or {})
         for w in range(len(shards)):
             batch.rollout_refs.append(self._launch_rollout(batch, w))
             batch.score_refs.append(self._launch_scores(batch, w))
@@ -225,7 +224,7 @@ class Controller:
                                  finished_fraction=1.0, seconds=0.0, example_index=[int(i) for _, i in picks])
         parts = [ray.put(p) for p in traj.split(self.cfg.learner.num_workers)]
         return Batch(step=step, shards=[shard], sampler_state=sampler_state or {},
-                     rollout_refs=[[ray.put(receipt), *parts]], score_refs=[], launched_at=time.perf_counter())
+                     rollout_refs=[[ray.put(receipt), *parts]], score_refs=[])
 
     def _launch_rollout(self, batch: Batch, worker: int) -> list[ray.ObjectRef]:
         parts = self.cfg.learner.num_workers
@@ -272,7 +271,7 @@ class Controller:
         for w in range(len(batch.shards)):
             while True:
                 try:
-                    receipts.append(self._get(batch.rollout_refs[w][0], "rollout"))
+                    receipts.append(self._get(batch.rollout_refs[w][0]))
                     break
                 except ACTOR_FAILURES as exc:
                     self._recover("rollout", w, exc)
@@ -284,7 +283,7 @@ class Controller:
             for part in range(self.cfg.learner.num_workers):
                 while True:
                     try:
-                        score_receipts.append(self._get(batch.score_refs[w][part][0], "teacher"))
+                        score_receipts.append(self._get(batch.score_refs[w][part][0]))
                         break
                     except ACTOR_FAILURES as exc:
                         self._recover("teacher", self._teacher_for(w, part), exc)
@@ -315,13 +314,13 @@ class Controller:
 
     def evaluate(self, batch: Batch, metric: str = "loss") -> float:
         """``loss`` (or ``divergence``) of the current student on a collected batch, without updating."""
-        results = self._get(self._learner_calls("evaluate", batch), "learner")
+        results = self._get(self._learner_calls("evaluate", batch))
         return sum(r[metric] * r["count"] for r in results) / max(sum(r["count"] for r in results), 1.0)
 
     def train_on(self, batch: Batch) -> dict[str, Any]:
         calls = self._learner_calls("train_step", batch, batch.step)
         try:
-            per_rank = self._get(calls, "learner")
+            per_rank = self._get(calls)
         except ACTOR_FAILURES as exc:
             raise LearnerFailure(f"learner failed at step {batch.step}: {exc}") from exc
         return aggregate_learner_metrics(per_rank)
@@ -329,7 +328,7 @@ class Controller:
     # ---- the loop ----------------------------------------------------------------------------
     def restore(self, checkpoint: Path) -> dict[str, Any]:
         state = read_state(checkpoint)
-        self._get(self.learners.call("load_checkpoint", str(checkpoint)), "learner")
+        self._get(self.learners.call("load_checkpoint", str(checkpoint)))
         self.step = state["step"]
         self.student_version = state["student_version"]
         self.sampler.load_state_dict(state["sampler"])
@@ -337,13 +336,13 @@ class Controller:
         snapshots = state.get("snapshots", {})
         if "rollout" in snapshots:  # the rollout workers held older weights than the learner's
             self.rollout_weights = self._snapshot_handle(checkpoint, "rollout", snapshots["rollout"])
-            self._get(self.rollout.call("update_weights", self.rollout_weights), "rollout")
+            self._get(self.rollout.call("update_weights", self.rollout_weights))
         elif state.get("rollout_version", 0) > 0:  # version 0 = the model folder, as freshly started
             self.sync_rollout()
         if "teacher" in snapshots:
             self.teacher_version = snapshots["teacher"]["version"]
             self.teacher_weights = self._snapshot_handle(checkpoint, "teacher", snapshots["teacher"])
-            self._get(self.teacher.call("update_weights", self.teacher_weights), "teacher")
+            self._get(self.teacher.call("update_weights", self.teacher_weights))
         elif self.cfg.teacher.kind != "frozen" and state["teacher_version"] > 0:
             self.sync_teacher(state["teacher_version"])
         return state
@@ -360,7 +359,7 @@ class Controller:
             snapshots["rollout"] = self.rollout_weights
         if self.teacher_weights is not None and self.teacher_version != self.student_version:
             snapshots["teacher"] = self.teacher_weights
-        self._get(self.learners.call("save_checkpoint", str(tmp), client, snapshots), "learner")
+        self._get(self.learners.call("save_checkpoint", str(tmp), client, snapshots))
         state = {"step": self.step, "student_version": self.student_version, "teacher_version": self.teacher_version,
                  "rollout_version": self.rollout_weights.version if self.rollout_weights else 0,
                  "sampler": sampler_state, "restarts": self.restarts, "total_steps": self.total_steps,

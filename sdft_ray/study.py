@@ -120,6 +120,7 @@ class StudySpec:
     eval_max_new_tokens: dict[str, int] = field(default_factory=dict)  # per task name
     eval_batch_size: int = 16
     eval_threads: int = 1  # torch threads in the driver while evaluating (more is slower on a busy machine)
+    parallel_eval: bool = False  # evaluate on a background thread while the next stage trains
     prior_task: str = "prior"
     teacher: list[TeacherSpec] = field(default_factory=list)
     train: dict[str, Any] = field(default_factory=dict)  # RunConfig tree under every stage
@@ -326,24 +327,6 @@ def _key(row: Mapping[str, Any], columns: Sequence[str], where: str) -> tuple:
 # ---- evaluation -------------------------------------------------------------------------------
 
 
-class _Threads:
-    """torch intra-op threads for the driver's evaluation (restored afterwards)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __enter__(self):
-        import torch
-
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.old)
-
-
 def _slim(row: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("task", "kind", "metric", "n", "score", "mean_response_tokens", "finished_fraction")
     return {k: row[k] for k in keep if k in row}
@@ -424,8 +407,7 @@ def _evaluate(spec: StudySpec, model: str, tasks: Sequence[Any], cache: Path) ->
 
     samples: list[dict] = []
     t0 = time.perf_counter()
-    with _Threads(spec.eval_threads):
-        rows = evaluate_checkpoint(model, list(tasks), engine="hf", batch_size=spec.eval_batch_size, samples=samples)
+    rows = evaluate_checkpoint(model, list(tasks), engine="hf", batch_size=spec.eval_batch_size, samples=samples)
     seconds = time.perf_counter() - t0
     rows = [_slim(r) for r in rows]
     write_jsonl(cache.with_name(cache.stem + "_samples.jsonl"), samples)
@@ -452,12 +434,43 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+class _Evaluator:
+    """Runs evaluations in order, inline or on one background thread (``parallel``) so that a
+    stage's evaluation overlaps the next training run (the driver only waits on Ray actors then)."""
+
+    def __init__(self, parallel: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="study-eval") if parallel else None
+
+    def submit(self, fn: Callable[[], Any], on_done: Callable[[Any], None]):
+        from concurrent.futures import Future
+
+        if self.pool is None:
+            future: Future = Future()
+            future.set_result(fn())
+            on_done(future.result())
+            return future
+        future = self.pool.submit(fn)
+        future.add_done_callback(lambda f: f.exception() is None and on_done(f.result()))
+        return future
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
 def run_study(spec: StudySpec, out_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str], *,
               echo: Callable[[str], None] = print) -> dict[str, Path]:
     """Run every (method, lr) curriculum, write the tables and the plots into ``out_dir``.
 
     Training runs, checkpoints and per-sample evaluation records go under ``work_dir``; a
-    stage whose evaluation is already there is not run again."""
+    stage whose checkpoint and evaluation are already there is not run again. With
+    ``spec.parallel_eval`` evaluations run on a background thread while the next stage trains."""
+    import threading
+
+    import torch
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -468,82 +481,130 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike[str], work_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    runtimes: dict[str, Any] = {"loadavg_start": os.getloadavg(), "cpu_count": os.cpu_count(), "runs": [],
-                                "evals": []}
+    runtimes: dict[str, Any] = {"loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count(),
+                                "parallel_eval": spec.parallel_eval, "eval_threads": spec.eval_threads,
+                                "runs": [], "evals": []}
     prepared = prepare_study(spec, work)
     base_folder = str(resolve_model_path(spec.model, (spec.train.get("model") or {}).get("cache_dir")))
-
-    results: list[dict[str, Any]] = []
+    lock = threading.RLock()
+    evals: dict[tuple, list[dict[str, Any]]] = {}  # (method, lr, stage) -> rows; ("base",) / ("teacher",)
     training: list[dict[str, Any]] = []
+    order = {(m, lr): i for i, (m, lr) in enumerate((m, lr) for m in spec.methods for lr in spec.lrs)}
+
+    def results() -> list[dict[str, Any]]:
+        rows = []
+        for (method, lr), _ in sorted(order.items(), key=lambda kv: kv[1]):
+            if ("base",) in evals:
+                rows += [{"method": method, "lr": lr, "stage": 0, "stage_name": BASE_STAGE, "trained_on": "", **r}
+                         for r in evals[("base",)]]
+            for k, stage in enumerate(spec.stages, start=1):
+                rows += [{"method": method, "lr": lr, "stage": k, "stage_name": stage.name,
+                          "trained_on": stage.task, **r} for r in evals.get((method, lr, k), [])]
+        return rows
+
+    def teacher_table() -> list[dict[str, Any]]:
+        taught = {t.task for t in spec.teacher}
+        rows = [{"model": "base", "role": "student (query only)", **r} for r in evals.get(("base",), [])
+                if r["task"] in taught]
+        return rows + [{"model": "base", "role": "teacher (query + demonstration)", **r}
+                       for r in evals.get(("teacher",), [])]
 
     def flush() -> None:
-        write_jsonl(out / "results.jsonl", results)
-        write_csv(out / "results.csv", results, RESULT_COLUMNS)
-        write_jsonl(out / "training.jsonl", training)
-        runtimes["total_s"] = time.perf_counter() - t_start
-        runtimes["loadavg_now"] = os.getloadavg()
-        _write_text(out / "runtimes.json", json.dumps(runtimes, indent=1, default=str))
+        with lock:
+            table = results()
+            write_jsonl(out / "results.jsonl", table)
+            write_csv(out / "results.csv", table, RESULT_COLUMNS)
+            write_jsonl(out / "training.jsonl", training)
+            teacher = teacher_table()
+            write_jsonl(out / "teacher.jsonl", teacher)
+            write_csv(out / "teacher.csv", teacher, TEACHER_COLUMNS)
+            runtimes["total_s"] = round(time.perf_counter() - t_start, 1)
+            runtimes["loadavg_now"] = [round(x, 2) for x in os.getloadavg()]
+            _write_text(out / "runtimes.json", json.dumps(runtimes, indent=1, default=str))
 
-    echo(f"[study] evaluating the base model {spec.model} on {', '.join(t.name for t in prepared.tasks)}")
-    base_rows, seconds = _evaluate(spec, base_folder, prepared.tasks, work / "evals" / "base.json")
-    runtimes["evals"].append({"what": "base", "seconds": round(seconds, 1)})
-    teacher_rows = [{"model": "base", "role": "student (query only)", **r} for r in base_rows
-                    if r["task"] in {t.task for t in spec.teacher}]
-    if prepared.teacher_tasks:
-        echo("[study] evaluating the demonstration-conditioned teacher (base model, query + demonstration)")
-        rows, seconds = _evaluate(spec, base_folder, prepared.teacher_tasks, work / "evals" / "teacher_base.json")
-        runtimes["evals"].append({"what": "teacher_base", "seconds": round(seconds, 1),
-                                  "rows_without_demonstration": prepared.teacher_missing})
-        teacher_rows += [{"model": "base", "role": "teacher (query + demonstration)", **r} for r in rows]
-    write_jsonl(out / "teacher.jsonl", teacher_rows)
-    write_csv(out / "teacher.csv", teacher_rows, TEACHER_COLUMNS)
+    def evaluation(key: tuple, what: str, model: str, tasks: Sequence[Any], cache: Path) -> None:
+        def run() -> tuple[list[dict], float]:
+            echo(f"[study] evaluating {what} (load {os.getloadavg()[0]:.1f})")
+            return _evaluate(spec, model, tasks, cache)
 
-    for method in spec.methods:
-        for lr in spec.lrs:
-            tags = {"method": method, "lr": lr}
-            results += [{**tags, "stage": 0, "stage_name": BASE_STAGE, "trained_on": "", **r} for r in base_rows]
-            model_path, previous_ckpt = base_folder, None
-            for k, stage in enumerate(spec.stages, start=1):
-                run_dir = work / "runs" / f"{method}_lr{_lr_tag(lr)}" / f"{k}-{stage.name}"
-                cache = run_dir / "eval.json"
-                ckpt = CheckpointManager(run_dir / "checkpoints").latest()
-                if ckpt is None or not cache.is_file():
-                    cfg = spec.run_config(method, lr, stage, model_path, prepared.stage_data[stage.name], run_dir)
-                    echo(f"[study] {method} lr={lr:g} stage {k} ({stage.name}): training {stage.steps} steps "
-                         f"from {model_path} (load {os.getloadavg()[0]:.1f})")
-                    if run_dir.exists():
-                        shutil.rmtree(run_dir)  # an unfinished earlier attempt
-                    from sdft_ray.runner import train
+        def done(result: tuple[list[dict], float]) -> None:
+            rows, seconds = result
+            with lock:
+                evals[key] = rows
+                runtimes["evals"].append({"what": what, "seconds": round(seconds, 1)})
+            echo(f"[study] evaluated {what} in {seconds:.0f} s")
+            flush()
 
-                    t0 = time.perf_counter()
-                    summary = train(cfg)
-                    train_s = time.perf_counter() - t0
+        futures.append(evaluator.submit(run, done))
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(spec.eval_threads)  # process-wide: the driver itself only evaluates
+    evaluator = _Evaluator(spec.parallel_eval)
+    futures: list[Any] = []
+    try:
+        evaluation(("base",), f"the base model {spec.model}", base_folder, prepared.tasks,
+                   work / "evals" / "base.json")
+        if prepared.teacher_tasks:
+            runtimes["teacher_rows_without_demonstration"] = prepared.teacher_missing
+            evaluation(("teacher",), "the demonstration-conditioned teacher (base model, query + demonstration)",
+                       base_folder, prepared.teacher_tasks, work / "evals" / "teacher_base.json")
+        for method in spec.methods:
+            for lr in spec.lrs:
+                tags = {"method": method, "lr": lr}
+                model_path, previous_ckpt = base_folder, None
+                for k, stage in enumerate(spec.stages, start=1):
+                    run_dir = work / "runs" / f"{method}_lr{_lr_tag(lr)}" / f"{k}-{stage.name}"
+                    cache = run_dir / "eval.json"
                     ckpt = CheckpointManager(run_dir / "checkpoints").latest()
-                    if ckpt is None:
-                        raise RuntimeError(f"{run_dir}: training finished without a checkpoint")
-                    runtimes["runs"].append({**tags, "stage": k, "stage_name": stage.name, "steps": summary["steps"],
-                                             "train_s": round(train_s, 1),
-                                             "loop_s": round(float(summary.get("seconds", 0.0)), 1)})
-                else:
-                    echo(f"[study] {method} lr={lr:g} stage {k} ({stage.name}): reusing {ckpt}")
-                training += _history_rows(_read_metrics(run_dir), **tags, stage=k, stage_name=stage.name)
-                echo(f"[study] {method} lr={lr:g} stage {k} ({stage.name}): evaluating every task")
-                rows, seconds = _evaluate(spec, str(ckpt / "student"), prepared.tasks, cache)
-                runtimes["evals"].append({**tags, "stage": k, "seconds": round(seconds, 1)})
-                results += [{**tags, "stage": k, "stage_name": stage.name, "trained_on": stage.task, **r} for r in rows]
-                flush()
+                    if ckpt is None or not (ckpt / "student" / "config.json").is_file():
+                        cfg = spec.run_config(method, lr, stage, model_path, prepared.stage_data[stage.name], run_dir)
+                        echo(f"[study] {method} lr={lr:g} stage {k} ({stage.name}): training {stage.steps} steps "
+                             f"from {model_path} (load {os.getloadavg()[0]:.1f})")
+                        if run_dir.exists():
+                            shutil.rmtree(run_dir)  # an unfinished earlier attempt
+                        cache.unlink(missing_ok=True)
+                        from sdft_ray.runner import train
+
+                        t0 = time.perf_counter()
+                        summary = train(cfg)
+                        train_s = time.perf_counter() - t0
+                        ckpt = CheckpointManager(run_dir / "checkpoints").latest()
+                        if ckpt is None:
+                            raise RuntimeError(f"{run_dir}: training finished without a checkpoint")
+                        timing = {**tags, "stage": k, "stage_name": stage.name, "steps": summary["steps"],
+                                  "train_s": round(train_s, 1),
+                                  "loop_s": round(float(summary.get("seconds", 0.0)), 1),
+                                  "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+                        _write_text(run_dir / "timing.json", json.dumps(timing))
+                        echo(f"[study] {method} lr={lr:g} stage {k} ({stage.name}): trained in {train_s:.0f} s")
+                    else:
+                        echo(f"[study] {method} lr={lr:g} stage {k} ({stage.name}): reusing {ckpt}")
+                        timing_file = run_dir / "timing.json"
+                        timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {
+                            **tags, "stage": k, "stage_name": stage.name, "steps": stage.steps, "train_s": None}
+                    with lock:
+                        runtimes["runs"].append(timing)
+                        training.extend(_history_rows(_read_metrics(run_dir), **tags, stage=k, stage_name=stage.name))
+                    evaluation((method, lr, k), f"{method} lr={lr:g} after stage {k} ({stage.name})",
+                               str(ckpt / "student"), prepared.tasks, cache)
+                    if previous_ckpt is not None and not spec.keep_optimizer_state:
+                        _drop_training_state(previous_ckpt)
+                    previous_ckpt, model_path = ckpt, str(ckpt / "student")
                 if previous_ckpt is not None and not spec.keep_optimizer_state:
                     _drop_training_state(previous_ckpt)
-                previous_ckpt, model_path = ckpt, str(ckpt / "student")
-            if previous_ckpt is not None and not spec.keep_optimizer_state:
-                _drop_training_state(previous_ckpt)
-    _shutdown_ray()
+        _shutdown_ray()
+    finally:
+        evaluator.close()
+        torch.set_num_threads(old_threads)
+    for future in futures:
+        future.result()  # re-raise an evaluation error
+    runtimes["total_s"] = round(time.perf_counter() - t_start, 1)
     flush()
+    table, teacher = results(), teacher_table()
     paths = {"results": out / "results.csv", "teacher": out / "teacher.csv", "runtimes": out / "runtimes.json"}
-    paths["frontier"] = plot_frontier(results, spec, out / "frontier.png")
-    paths["curriculum"] = plot_curriculum(results, spec, out / "curriculum.png", teacher_rows)
-    paths["summary"] = write_summary(results, teacher_rows, runtimes, spec, out / "summary.md")
-    flush()
+    paths["frontier"] = plot_frontier(table, spec, out / "frontier.png")
+    paths["curriculum"] = plot_curriculum(table, spec, out / "curriculum.png", teacher)
+    paths["summary"] = write_summary(table, teacher, runtimes, spec, out / "summary.md")
     return paths
 
 
@@ -680,23 +741,27 @@ def write_summary(results: Sequence[Mapping[str, Any]], teacher_rows: Sequence[M
         cells = [_fmt(_score(results, kind=k, method=method, lr=lr, stage=stage, task=t)) for t, k in columns]
         lines.append(f"| {method} | {lr:g} | {stage}: {name} | " + " | ".join(cells) + " |")
     if teacher_rows:
-        taught = {r["task"] for r in teacher_rows}
-        trained = [(m, lr, k, s) for m in spec.methods for lr in spec.lrs for k, s in enumerate(spec.stages, 1)
-                   if s.task in taught]
+        first_stage = {}
+        for k, st in enumerate(spec.stages, start=1):
+            first_stage.setdefault(st.task, k)
+        last = len(spec.stages)
+        runs = [(m, lr) for m in spec.methods for lr in spec.lrs]
         lines += ["", "## Teacher (base model with the demonstration in context) vs student", "",
-                  "Student columns: the trained student right after the stage that trained on the task.", "",
-                  "| task | kind | n | base student (query only) | teacher (query + demonstration) | "
-                  + " | ".join(f"{m.upper()} lr={lr:g} after stage {k}" for m, lr, k, _ in trained) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(trained)]
+                  "`after` = the student right after the stage that trained on the task; `final` = after the "
+                  f"last stage ({last}: {spec.stages[-1].name}).", "",
+                  "| task | kind | n | base model, query only | base model + demonstration (teacher) | "
+                  + " | ".join(f"{m.upper()} {lr:g} after / final" for m, lr in runs) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(runs)]
         tkeys = list(dict.fromkeys((r["task"], r["kind"]) for r in teacher_rows if r["role"].startswith("teacher")))
         for task, kind in tkeys:
             student = _score(teacher_rows, kind=kind, task=task, role="student (query only)")
             teacher = next(r for r in teacher_rows if r["task"] == task and r["kind"] == kind
                            and r["role"].startswith("teacher"))
-            after = [_fmt(_score(results, kind=kind, method=m, lr=lr, stage=k, task=task)) if st.task == task else "."
-                     for m, lr, k, st in trained]
+            k = first_stage.get(task)
+            cells = [f"{_fmt(_score(results, kind=kind, method=m, lr=lr, stage=k, task=task)) if k else '-'} / "
+                     f"{_fmt(_score(results, kind=kind, method=m, lr=lr, stage=last, task=task))}" for m, lr in runs]
             lines.append(f"| {task} | {kind} | {teacher['n']} | {_fmt(student)} | {_fmt(float(teacher['score']))} | "
-                         + " | ".join(after) + " |")
+                         + " | ".join(cells) + " |")
     runs = runtimes.get("runs", [])
     if runs:
         lines += ["", "## Runtimes", "", "| method | lr | stage | steps | training wall s (incl. actor start) |",
