@@ -398,11 +398,12 @@ def prepare_study(spec: StudySpec, work_dir: Path) -> _Prepared:
     return _Prepared(list(by_name.values()), teacher_tasks, missing, stage_data)
 
 
-def _evaluate(spec: StudySpec, model: str, tasks: Sequence[Any], cache: Path) -> tuple[list[dict], float]:
-    """Evaluate ``model`` on ``tasks`` (greedy), cached in ``cache`` (rows + per-sample records)."""
+def _evaluate(spec: StudySpec, model: str, tasks: Sequence[Any], cache: Path) -> tuple[list[dict], float, bool]:
+    """Evaluate ``model`` on ``tasks`` (greedy), cached in ``cache`` (rows + per-sample records).
+    Returns (rows, seconds the evaluation took, whether it came from the cache)."""
     if cache.is_file():
         saved = json.loads(cache.read_text(encoding="utf-8"))
-        return saved["rows"], saved["seconds"]
+        return saved["rows"], saved["seconds"], True
     from sdft_ray.evaluation import evaluate_checkpoint
 
     samples: list[dict] = []
@@ -412,7 +413,7 @@ def _evaluate(spec: StudySpec, model: str, tasks: Sequence[Any], cache: Path) ->
     rows = [_slim(r) for r in rows]
     write_jsonl(cache.with_name(cache.stem + "_samples.jsonl"), samples)
     _write_text(cache, json.dumps({"model": str(model), "rows": rows, "seconds": seconds}, indent=1))
-    return rows, seconds
+    return rows, seconds, False
 
 
 # ---- the study --------------------------------------------------------------------------------
@@ -474,9 +475,18 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike[str], work_dir: str | 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Import everything both threads use here, once: transformers' lazy module is not safe to
+    # import from two threads at the same time (the evaluator thread runs beside training).
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+    import sdft_ray.engines.hf  # noqa: F401
+    import sdft_ray.evaluation.runner  # noqa: F401
+    import sdft_ray.runner  # noqa: F401
     from sdft_ray.checkpoint import CheckpointManager
     from sdft_ray.models import resolve_model_path
 
+    del transformers
     out, work = Path(out_dir), Path(work_dir)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -523,16 +533,16 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike[str], work_dir: str | 
             _write_text(out / "runtimes.json", json.dumps(runtimes, indent=1, default=str))
 
     def evaluation(key: tuple, what: str, model: str, tasks: Sequence[Any], cache: Path) -> None:
-        def run() -> tuple[list[dict], float]:
+        def run() -> tuple[list[dict], float, bool]:
             echo(f"[study] evaluating {what} (load {os.getloadavg()[0]:.1f})")
             return _evaluate(spec, model, tasks, cache)
 
-        def done(result: tuple[list[dict], float]) -> None:
-            rows, seconds = result
+        def done(result: tuple[list[dict], float, bool]) -> None:
+            rows, seconds, cached = result
             with lock:
                 evals[key] = rows
                 runtimes["evals"].append({"what": what, "seconds": round(seconds, 1)})
-            echo(f"[study] evaluated {what} in {seconds:.0f} s")
+            echo(f"[study] evaluated {what} in {seconds:.0f} s" + (" (cached)" if cached else ""))
             flush()
 
         futures.append(evaluator.submit(run, done))
@@ -556,7 +566,8 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike[str], work_dir: str | 
                     run_dir = work / "runs" / f"{method}_lr{_lr_tag(lr)}" / f"{k}-{stage.name}"
                     cache = run_dir / "eval.json"
                     ckpt = CheckpointManager(run_dir / "checkpoints").latest()
-                    if ckpt is None or not (ckpt / "student" / "config.json").is_file():
+                    reused = not (ckpt is None or not (ckpt / "student" / "config.json").is_file())
+                    if not reused:
                         cfg = spec.run_config(method, lr, stage, model_path, prepared.stage_data[stage.name], run_dir)
                         echo(f"[study] {method} lr={lr:g} stage {k} ({stage.name}): training {stage.steps} steps "
                              f"from {model_path} (load {os.getloadavg()[0]:.1f})")
@@ -583,7 +594,7 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike[str], work_dir: str | 
                         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {
                             **tags, "stage": k, "stage_name": stage.name, "steps": stage.steps, "train_s": None}
                     with lock:
-                        runtimes["runs"].append(timing)
+                        runtimes["runs"].append({**timing, "fresh": not reused})
                         training.extend(_history_rows(_read_metrics(run_dir), **tags, stage=k, stage_name=stage.name))
                     evaluation((method, lr, k), f"{method} lr={lr:g} after stage {k} ({stage.name})",
                                str(ckpt / "student"), prepared.tasks, cache)
@@ -599,6 +610,12 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike[str], work_dir: str | 
     for future in futures:
         future.result()  # re-raise an evaluation error
     runtimes["total_s"] = round(time.perf_counter() - t_start, 1)
+    log_file = work / "invocations.jsonl"  # every run_study call on this work folder, with its wall-clock
+    trained = sum(1 for r in runtimes["runs"] if r.get("fresh"))
+    with open(log_file, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "total_s": runtimes["total_s"],
+                             "trained_runs": trained, "loadavg_start": runtimes["loadavg_start"]}) + "\n")
+    runtimes["invocations"] = [json.loads(x) for x in log_file.read_text(encoding="utf-8").splitlines() if x.strip()]
     flush()
     table, teacher = results(), teacher_table()
     paths = {"results": out / "results.csv", "teacher": out / "teacher.csv", "runtimes": out / "runtimes.json"}
@@ -694,7 +711,7 @@ def plot_curriculum(results: Sequence[Mapping[str, Any]], spec: StudySpec, path:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", "-.", ":"]
     labels = [BASE_STAGE] + [f"{k}: {s.name}" for k, s in enumerate(spec.stages, start=1)]
-    fig, axes = plt.subplots(1, len(spec.lrs), figsize=(5.2 * len(spec.lrs), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(spec.lrs), figsize=(max(6.5, 5.2 * len(spec.lrs)), 5.4), squeeze=False)
     for lr, ax in zip(spec.lrs, axes[0]):
         for t, task in enumerate(tasks):
             for m, method in enumerate(spec.methods):
@@ -714,9 +731,10 @@ def plot_curriculum(results: Sequence[Mapping[str, Any]], spec: StudySpec, path:
         ax.set_title(f"lr = {lr:g}")
         ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, fontsize=7, loc="center right")
-    fig.suptitle(f"{spec.model}: per-task accuracy over the curriculum", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(f"{spec.model}: per-task accuracy over the curriculum "
+                 "(colour: task, line style: method; x: base model + demonstration = teacher)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
