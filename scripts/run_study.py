@@ -1,6 +1,6 @@
 """Run the small-scale continual-learning study end to end (SFT vs SDFT, lr sweep, curriculum).
 
-    # the study in docs/study.md (SmolLM2-135M-Instruct on CPU; about 30-40 min on a busy 2-core machine)
+    # the study reported in the README (SmolLM2-135M-Instruct on CPU; about 30-40 min on a busy 2-core machine)
     .venv/bin/python scripts/run_study.py --out results/study
 
     # smoke run for tests: tiny random Llama + test tokenizer, 1 step per stage, 2 eval rows per kind

@@ -19,7 +19,7 @@ Outputs (``out_dir``)::
     teacher.jsonl / teacher.csv   the base model without (student) and with (teacher) the demonstration
     training.jsonl                per training step: method, lr, stage, step, loss, seconds
     runtimes.json                 wall-clock of every training run and evaluation, load averages
-    summary.md                    the tables above, pivoted (what docs/study.md quotes)
+    summary.md                    the tables above, pivoted (what the README quotes)
     frontier.png                  new-task vs prior-task accuracy, one point per (method, lr), per stage
     curriculum.png                per-task accuracy over the stages, one line per (task, method), per lr
 
