@@ -699,3 +699,11 @@ def shutdown_ray() -> None:
             ray.shutdown()
     except Exception:  # noqa: BLE001
         pass
+
+
+def finish(json_path, info: dict, results: list, runs: dict, ratios: dict) -> int:
+    """Print the closing load average, write the JSON record, and return the exit code."""
+    print(f"load average at the end: {loadavg()} (start {info['loadavg_start']})", flush=True)
+    write_json(json_path, {"info": info, "results": results, "runs": runs, "ratios": ratios,
+                           "loadavg_end": loadavg()})
+    return 0 if all(r.ok for r in results) else 1

@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.ok:
             stale_seen = [s for s in r.extra.get("staleness", []) if s is not None]
             print(f"  {r.name}: trajectory staleness per step {stale_seen}", flush=True)
-    print(f"load average at the end: {bc.loadavg()} (start {info['loadavg_start']})", flush=True)
-    bc.write_json(args.json, {"info": info, "results": results, "runs": runs, "ratios": ratios,
-                              "loadavg_end": bc.loadavg()})
-    return 0 if all(r.ok for r in results) else 1
+    return bc.finish(args.json, info, results, runs, ratios)
 
 
 if __name__ == "__main__":

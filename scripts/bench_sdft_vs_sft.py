@@ -62,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             by["sdft"], by["sdft-pipe1"])
     ratios["sft_over_sdft_tokens_per_s"] = bc.ratio("sft/sdft trained tokens per s", by["sft"], by["sdft"],
                                                     field_name="tokens_per_s")
-    print(f"load average at the end: {bc.loadavg()} (start {info['loadavg_start']})", flush=True)
-    bc.write_json(args.json, {"info": info, "results": results, "runs": runs, "ratios": ratios,
-                              "loadavg_end": bc.loadavg()})
-    return 0 if all(r.ok for r in results) else 1
+    return bc.finish(args.json, info, results, runs, ratios)
 
 
 if __name__ == "__main__":
