@@ -1,6 +1,7 @@
 """Run the small-scale continual-learning study end to end (SFT vs SDFT, lr sweep, curriculum).
 
-    # the study reported in the README (SmolLM2-135M-Instruct on CPU; about 30-40 min on a busy 2-core machine)
+    # the study in docs/study.md and the README (SmolLM2-135M-Instruct on CPU, lrs 1e-5 and 5e-5:
+    # 35-50 min on a busy 2-core machine; results/study/ also has lr 2e-4: add --lrs 1e-5,5e-5,2e-4)
     .venv/bin/python scripts/run_study.py --out results/study
 
     # smoke run for tests: tiny random Llama + test tokenizer, 1 step per stage, 2 eval rows per kind

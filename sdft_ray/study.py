@@ -19,7 +19,7 @@ Outputs (``out_dir``)::
     teacher.jsonl / teacher.csv   the base model without (student) and with (teacher) the demonstration
     training.jsonl                per training step: method, lr, stage, step, loss, seconds
     runtimes.json                 wall-clock of every training run and evaluation, load averages
-    summary.md                    the tables above, pivoted (what the README quotes)
+    summary.md                    the tables above, pivoted (what docs/study.md and the README quote)
     frontier.png                  new-task vs prior-task accuracy, one point per (method, lr), per stage
     curriculum.png                per-task accuracy over the stages, one line per (task, method), per lr
 
@@ -282,6 +282,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; tables are meant to be shared
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
         fh.write(text)
     os.replace(tmp, path)
@@ -424,8 +427,10 @@ def _lr_tag(lr: float) -> str:
 
 
 def _history_rows(history: Sequence[Mapping[str, Any]], **tags: Any) -> list[dict[str, Any]]:
-    keys = ("loss", "divergence", "implicit_reward", "grad_norm", "lr", "rollout/response_len", "time/step")
-    return [{**tags, "step": i + 1, **{k: h[k] for k in keys if k in h}} for i, h in enumerate(history)]
+    keys = ("loss", "divergence", "implicit_reward", "grad_norm", "rollout/response_len", "time/step")
+    # the step's scheduled learning rate is "step_lr": "lr" is the study's peak lr (a tag)
+    return [{**tags, "step": i + 1, **({"step_lr": h["lr"]} if "lr" in h else {}), **{k: h[k] for k in keys if k in h}}
+            for i, h in enumerate(history)]
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -688,7 +693,7 @@ def plot_frontier(results: Sequence[Mapping[str, Any]], spec: StudySpec, path: P
         ax.set_xlim(-0.03, 1.03)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{spec.model}: new-task vs prior-task accuracy (labels: learning rate)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -731,10 +736,10 @@ def plot_curriculum(results: Sequence[Mapping[str, Any]], spec: StudySpec, path:
         ax.set_title(f"lr = {lr:g}")
         ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3, frameon=False, handlelength=3.5)
     fig.suptitle(f"{spec.model}: per-task accuracy over the curriculum "
                  "(colour: task, line style: method; x: base model + demonstration = teacher)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -145,6 +145,9 @@ def test_quick_study_end_to_end(tmp_path):
     assert ("tool_calls", "teacher (query + demonstration)") in roles
     for name in ("frontier.png", "curriculum.png"):
         assert (out / name).stat().st_size > 0
+    training = [json.loads(x) for x in (out / "training.jsonl").read_text().splitlines()]
+    assert {(r["method"], r["lr"], r["stage"]) for r in training} == {
+        (m, lr, k) for m in spec.methods for lr in spec.lrs for k in range(1, len(spec.stages) + 1)}
     runtimes = json.loads((out / "runtimes.json").read_text())
     assert len(runtimes["runs"]) == len(spec.methods) * len(spec.lrs) * len(spec.stages)
     # a rerun with the same work folder reuses every finished stage (no training)
