@@ -40,7 +40,6 @@ def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_
             logp = logits.float().log_softmax(-1)
             tok = logp.gather(-1, ids[..., None]).squeeze(-1)
             for j, r in enumerate(rows):
-                n = len(traj.response_ids[r])
                 t = len(traj.response_ids[r])
                 out.token_logprobs[r] = tok[j, :t].cpu().numpy()
                 if kind == "full":

@@ -32,6 +32,7 @@ __all__ = [
     "Example",
     "Message",
     "Prompt",
+    "read_records",
     "load_examples",
 ]
 
@@ -241,6 +242,36 @@ def _check_prompt(value: Any, where: dict[str, Any]) -> Prompt:
     return tuple(messages)
 
 
+def _read_rows(file: str, split: str | None, limit: int | None) -> tuple[list[str], list[_Row]]:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if not os.path.exists(file):
+        raise DataError(file, "file not found")
+    if split not in (None, "train") and not os.path.isdir(file):
+        raise DataError(file, _no_splits(split))
+    ext = os.path.splitext(file)[1].lower()
+    if os.path.isdir(file) or ext in (".parquet", ".arrow"):
+        names, rows = _read_table_rows(file, split, limit)
+    elif ext in (".jsonl", ".json"):
+        rows = list(_scan_json_lines(file, limit))
+        names = list(dict.fromkeys(k for r in rows for k in r.values))
+    else:
+        raise DataError(file, f"unsupported file extension {ext or '(none)'!r}; supported: {SUPPORTED_FORMATS}")
+    if not rows:
+        raise DataError(file, "file is empty (no rows)")
+    return names, rows
+
+
+def read_records(path: str | os.PathLike[str], *, split: str | None = None,
+                 limit: int | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The raw rows of any supported file (JSONL/JSON, Parquet, Arrow, a ``save_to_disk``
+    folder) as ``(where, record)`` pairs; ``where`` = ``{"file", "row", "line"}``, the keyword
+    arguments of :class:`DataError`. Same errors as :func:`load_examples`; no column is required."""
+    file = os.fspath(path)
+    _, rows = _read_rows(file, split, limit)
+    return [({"file": file, "row": r.row, "line": r.line}, dict(r.values)) for r in rows]
+
+
 def load_examples(
     path: str | os.PathLike[str],
     *,
@@ -264,22 +295,7 @@ def load_examples(
     """
     file = os.fspath(path)
     cols = _resolve_columns(columns)
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    if not os.path.exists(file):
-        raise DataError(file, "file not found")
-    if split not in (None, "train") and not os.path.isdir(file):
-        raise DataError(file, _no_splits(split))
-    ext = os.path.splitext(file)[1].lower()
-    if os.path.isdir(file) or ext in (".parquet", ".arrow"):
-        names, rows = _read_table_rows(file, split, limit)
-    elif ext in (".jsonl", ".json"):
-        rows = list(_scan_json_lines(file, limit))
-        names = list(dict.fromkeys(k for r in rows for k in r.values))
-    else:
-        raise DataError(file, f"unsupported file extension {ext or '(none)'!r}; supported: {SUPPORTED_FORMATS}")
-    if not rows:
-        raise DataError(file, "file is empty (no rows)")
+    names, rows = _read_rows(file, split, limit)
 
     prompt_col, demo_col = cols["prompt"], cols["demonstration"]
     for our, col in (("prompt", prompt_col), ("demonstration", demo_col)):

@@ -109,8 +109,8 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 
 def regex(response: str, reference: Any, *, pattern: str = "answer", which: str = "last") -> float:
-    """Extract the answer with ``pattern`` (a regex or a :data:`REGEX_PRESETS` name; group 1 if it
-    has groups, else the whole match; the ``which`` = ``"last"``/``"first"`` match), then
+    """Extract the answer with ``pattern`` (a regex or a :data:`REGEX_PRESETS` name; the first
+    group that matched if it has groups, else the whole match; the ``which`` = ``"last"``/``"first"`` match), then
     :func:`exact_match` it against the reference. No match scores 0."""
     if which not in ("first", "last"):
         raise ValueError(f"regex: which must be 'first' or 'last', got {which!r}")
@@ -118,7 +118,8 @@ def regex(response: str, reference: Any, *, pattern: str = "answer", which: str 
     if not matches:
         return 0.0
     match = matches[-1] if which == "last" else matches[0]
-    extracted = match.group(1) if match.re.groups else match.group(0)
+    # the first group that took part in the match (alternatives: "(a)|(b)"), else the whole match
+    extracted = next((g for g in match.groups() if g is not None), "") if match.re.groups else match.group(0)
     return exact_match(extracted or "", reference)
 
 

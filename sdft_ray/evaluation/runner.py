@@ -125,7 +125,7 @@ def evaluate_task(engine: RolloutEngine, tokenizer: Any, task: EvalTask, *, gree
     samples = []
     for j, gen in enumerate(gens):
         i, s = divmod(j, n)
-        text = tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
+        text = task.cut(tokenizer.decode(gen.token_ids, skip_special_tokens=True)).strip()
         scores[i, s] = scorer(text, references[i])
         lengths[i, s], finished[i, s] = len(gen.token_ids), bool(gen.finished)
         samples.append({"task": task.name, "kind": kinds[i], "index": examples[i].index, "sample": s,

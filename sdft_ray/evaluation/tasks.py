@@ -28,7 +28,7 @@ import yaml
 from sdft_ray.errors import ConfigError
 from sdft_ray.evaluation.metrics import METRICS, Scorer, get_metric
 
-__all__ = ["EvalTask", "load_tasks", "tasks_from_dicts"]
+__all__ = ["EvalTask", "load_tasks", "tasks_from_dicts", "write_task_yaml"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,7 +53,8 @@ class EvalTask:
     ``kind`` with values strict/paraphrase/ood) adds one result row per value. ``metric`` names
     a function in :data:`~sdft_ray.evaluation.metrics.METRICS`, called with ``metric_options``.
     With ``num_samples > 1`` every prompt is sampled that many times at ``temperature`` /
-    ``top_p`` and pass@k is reported for each ``k`` (default: 1 and ``num_samples``).
+    ``top_p`` and pass@k is reported for each ``k`` (default: 1 and ``num_samples``). A
+    response is cut at the first of the ``stop`` strings before it is scored.
     """
 
     name: str
@@ -69,6 +70,7 @@ class EvalTask:
     reference_column: str = "answer"
     temperature: float = 1.0
     top_p: float = 1.0
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -103,6 +105,10 @@ class EvalTask:
             raise _fail(name, "k", f"pass@{ks[-1]} needs num_samples >= {ks[-1]}, got num_samples={self.num_samples}")
         object.__setattr__(self, "k", tuple(sorted(set(ks))))
         object.__setattr__(self, "metric_options", dict(self.metric_options))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, Iterable) or not all(isinstance(x, str) and x for x in stop):
+            raise _fail(name, "stop", f"expected a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
         for key, low, high in (("temperature", 0.0, float("inf")), ("top_p", 0.0, 1.0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
@@ -111,6 +117,12 @@ class EvalTask:
     def scorer(self) -> Scorer:
         """``score(response, reference)`` with this task's metric options bound."""
         return get_metric(self.metric, self.metric_options)
+
+    def cut(self, response: str) -> str:
+        """``response`` up to the first ``stop`` string (all of it when there is none)."""
+        for marker in self.stop:
+            response = response.split(marker, 1)[0]
+        return response
 
     def resolved_path(self) -> Path:
         """``path`` as given if it exists (or is absolute), else under the repository root."""
@@ -134,8 +146,9 @@ def _task(entry: Any, where: str) -> EvalTask:
         if required not in entry:
             raise ConfigError(f"{where}.{required}: missing required field", field=required)
     values = dict(entry)
-    if isinstance(values.get("k"), list):
-        values["k"] = tuple(values["k"])
+    for key in ("k", "stop"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
     try:
         return EvalTask(**values)
     except ConfigError as e:
@@ -197,3 +210,22 @@ def load_tasks(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     if not tasks:
         raise ConfigError(f"no eval tasks found in {', '.join(map(str, sources))}")
     return tasks
+
+
+def write_task_yaml(tasks: Sequence[EvalTask], path: str | os.PathLike[str]) -> Path:
+    """Write ``tasks`` as a task file that :func:`load_tasks` reads back to equal tasks."""
+    entries = []
+    for task in tasks:
+        entry: dict[str, Any] = {}
+        for f in dataclasses.fields(EvalTask):
+            value = getattr(task, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name in ("name", "path") or value != default:
+                entry[f.name] = list(value) if isinstance(value, tuple) else value
+        entries.append(entry)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(yaml.safe_dump({"tasks": entries}, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
