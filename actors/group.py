@@ -42,6 +42,16 @@ def set_torch_threads(resources: dict | ResourcesConfig | None) -> None:
     torch.set_num_threads(resources.torch_threads or max(1, int(resources.num_cpus)))
 
 
+class SyncGroupMember:
+    """Lets an actor join a weight sync group (:mod:`sdft_ray.collective`) on the controller's call."""
+
+    def join_sync_group(self, name: str, master_addr: str, master_port: int, rank: int, world_size: int,
+                        backend: str = "auto", timeout_s: float = 600.0) -> dict:
+        from sdft_ray.collective import join_group
+
+        return join_group(name, master_addr, master_port, rank, world_size, backend, timeout_s)
+
+
 class ActorGroup:
     def __init__(
         self,

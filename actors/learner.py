@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.group import set_torch_threads
+from actors.group import SyncGroupMember, set_torch_threads
 from sdft_ray.config import RunConfig
 from sdft_ray.ema import EmaWeights
 from sdft_ray.forward import micro_batches, pad_right, response_logits
@@ -26,7 +26,7 @@ from sdft_ray.losses import LossSpec, TeacherSignal, distillation_loss, response
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.trajectory import TeacherScores, Trajectories
 from sdft_ray.variants import get_variant
-from sdft_ray.weights import FileTransport, ObjectStoreTransport, WeightHandle, get_transport
+from sdft_ray.weights import CollectiveTransport, FileTransport, ObjectStoreTransport, WeightHandle, get_transport
 
 
 GATHER_NUMEL = 64 * 2**20  # elements gathered at once under ZeRO-3 (256 MB in fp32)
@@ -78,7 +78,7 @@ def collate_signal(scores: list[TeacherScores], rows: list[tuple[int, int]], wid
     return TeacherSignal(token_logprobs=pad_right(pick("token_logprobs"), 0.0, torch.float32, width).to(device))
 
 
-class LearnerWorker:
+class LearnerWorker(SyncGroupMember):
     def __init__(self, rank: int, world_size: int, cfg_dict: dict, model_folder: str, total_steps: int,
                  master_addr: str | None = None, master_port: int | None = None):
         self.cfg = RunConfig.model_validate(cfg_dict)
@@ -89,12 +89,30 @@ class LearnerWorker:
         self.engine = None
         self.ema: EmaWeights | None = None
         self.step = 0
-        self.transport = ObjectStoreTransport()
+        self.transport = ObjectStoreTransport(self.cfg.weight_sync.bucket_mb)
+        self.collective: dict[str, CollectiveTransport] = {}  # sync group name -> transport (rank 0)
+        self._published: dict[str, tuple[int, str]] = {}  # sync group -> (version, kind) last packed
         self.supervised = not get_variant(self.cfg).uses_rollout  # SFT: no teacher, NLL of the responses
 
     # ---- set-up ---------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
+
+    def join_sync_group(self, name: str, master_addr: str, master_port: int, rank: int, world_size: int,
+                        backend: str = "auto", timeout_s: float = 600.0) -> dict:
+        """Rank 0 of a weight sync group: the sender of :class:`CollectiveTransport` buckets."""
+        info = super().join_sync_group(name, master_addr, master_port, rank, world_size, backend, timeout_s)
+        self.collective[name] = CollectiveTransport(name, self.cfg.weight_sync.bucket_mb)
+        return info
+
+    def send_weights(self, group: str) -> int:
+        """Broadcast what the last ``publish(..., group=group)`` packed; returns the bytes sent."""
+        return self.collective[group].send()
+
+    def republish(self, group: str) -> WeightHandle:
+        """The weights last broadcast to ``group``, as an object-store handle (for one restarted member)."""
+        handle_of = self.collective[group]
+        return self.transport.publish(handle_of.retained(), *self._published[group])
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         import deepspeed
@@ -170,8 +188,10 @@ class LearnerWorker:
                 pass
         return None
 
-    def publish(self, kind: str, version: int) -> WeightHandle | None:
-        """Publish student or teacher weights in the model dtype (rank 0 answers; others return None)."""
+    def publish(self, kind: str, version: int, group: str | None = None) -> WeightHandle | None:
+        """Publish student or teacher weights in the model dtype (rank 0 answers; others return None):
+        into the object store, or, with ``group``, packed for a broadcast over that sync group
+        (then call :meth:`send_weights` together with the receivers' ``update_weights``)."""
         dtype = torch_dtype(self.cfg.model.dtype)
         if kind == "teacher" and self.cfg.teacher.kind == "ema":
             if self.rank != 0:
@@ -182,7 +202,10 @@ class LearnerWorker:
             if params is None:
                 return None
             named = ((n, t.to(dtype)) for n, t in params)
-        return self.transport.publish(named, version, kind)
+        if group is None:
+            return self.transport.publish(named, version, kind)
+        self._published[group] = (version, kind)
+        return self.collective[group].publish(named, version, kind)
 
     # ---- training --------------------------------------------------------------------------
     def _load_parts(self, traj_refs, score_refs) -> tuple[list[Trajectories], list[TeacherScores]]:
@@ -306,7 +329,10 @@ class LearnerWorker:
         if self.ema is not None:
             save_file({n: t.contiguous() for n, t in self.ema.state_dict().items()}, str(folder_path / "teacher_ema.safetensors"))
         for name, handle in (snapshots or {}).items():
-            named = get_transport(handle.transport).receive(handle)
+            if handle.transport == CollectiveTransport.name:  # what this rank broadcast last
+                named = self.collective[handle.payload[0]].retained()
+            else:
+                named = get_transport(handle.transport).receive(handle)
             FileTransport().publish(named, handle.version, handle.kind, path=str(folder_path / f"weights_{name}.safetensors"))
         return {"rank": 0}
 

@@ -8,13 +8,13 @@ import time
 
 import numpy as np
 
-from actors.group import set_torch_threads
+from actors.group import SyncGroupMember, set_torch_threads
 from sdft_ray.engines import SamplingSpec, make_engine
 from sdft_ray.trajectory import PromptShard, RolloutReceipt, Trajectories
 from sdft_ray.weights import WeightHandle, get_transport
 
 
-class RolloutWorker:
+class RolloutWorker(SyncGroupMember):
     def __init__(self, worker_index: int, model_folder: str, engine: str, dtype: str,
                  trust_remote_code: bool = False, batch_size: int = 16, engine_options: dict | None = None,
                  resources: dict | None = None):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from actors.group import set_torch_threads
+from actors.group import SyncGroupMember, set_torch_threads
 from sdft_ray.forward import micro_batches, response_logits
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.trajectory import ScoreReceipt, TeacherScores, Trajectories
@@ -64,7 +64,7 @@ def _to_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.to(dtype).cpu().view(torch.int16).numpy()
 
 
-class TeacherScorer:
+class TeacherScorer(SyncGroupMember):
     def __init__(self, worker_index: int, model_folder: str, dtype: str, signal: str, top_k: int,
                  micro_batch_size: int, transfer_dtype: str = "float32", trust_remote_code: bool = False,
                  resources: dict | None = None, run_config: dict | None = None, engine: str = "hf",

@@ -141,6 +141,14 @@ class PlacementConfig(_Section):
     )
 
 
+class WeightSyncConfig(_Section):
+    transport: Literal["object_store", "collective"] = Field(
+        "object_store", description="object_store = Ray objects (everywhere); collective = broadcast from learner "
+                                    "rank 0 over a sync group per receiving role (gloo on CPU, NCCL on GPUs).")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Collective backend; auto = nccl with GPUs.")
+    bucket_mb: float = Field(256.0, gt=0, description="Weights travel in flat buckets of this size.")
+
+
 class FaultToleranceConfig(_Section):
     call_timeout_s: float = Field(900.0, gt=0, description="Time-out of any remote call before the actor counts as hung.")
     max_actor_restarts: int = Field(3, ge=0, description="Restarts of a rollout/teacher actor before the run fails.")
@@ -169,6 +177,7 @@ class RunConfig(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -194,6 +203,12 @@ class RunConfig(_Section):
             )
         if self.prompts.max_teacher_prompt_tokens < self.prompts.max_prompt_tokens:
             raise ValueError("prompts.max_teacher_prompt_tokens must be >= prompts.max_prompt_tokens")
+        shared_gpu = [r for r in ("rollout", "teacher", "learner") if 0 < getattr(self.placement, r).num_gpus < 1]
+        if self.weight_sync.transport == "collective" and self.weight_sync.backend == "nccl" and shared_gpu:
+            raise ValueError(
+                f"weight_sync.transport 'collective' with backend 'nccl' cannot put two ranks on one GPU, but "
+                f"placement.{shared_gpu[0]}.num_gpus < 1 shares GPUs (colocated roles): use "
+                "weight_sync.transport 'object_store' for colocated placements")
         return self
 
     # ---- derived values -------------------------------------------------------------

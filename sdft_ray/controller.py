@@ -92,6 +92,7 @@ class Controller:
         self.rollout_weights: WeightHandle | None = None  # what every rollout worker should hold
         self.teacher_weights: WeightHandle | None = None
         self.restarts = {"rollout": 0, "teacher": 0}
+        self._stale_groups: set[str] = set()  # weight sync groups to rebuild (a member restarted)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last, cfg.output.best_mode)
         self.pg = None
         self.rollout = self.teacher = self.learners = None
@@ -143,6 +144,9 @@ class Controller:
                 engine_options=cfg.teacher.vllm)),
             max_restarts=restarts)
         self._get(setup + self.rollout.call("ready") + self.teacher.call("ready"))
+        if self.collective:
+            for role in ("rollout", "teacher"):
+                self.join_sync_group(role)
 
     def shutdown(self) -> None:
         for group in (self.rollout, self.teacher, self.learners):
@@ -157,23 +161,48 @@ class Controller:
         return ray.get(refs, timeout=self.cfg.fault_tolerance.call_timeout_s)
 
     # ---- weight sync -------------------------------------------------------------------------
-    def _publish(self, kind: str, version: int) -> WeightHandle:
-        handles = self._get(self.learners.call("publish", kind, version))
+    @property
+    def collective(self) -> bool:
+        return self.cfg.weight_sync.transport == "collective"
+
+    def join_sync_group(self, role: str) -> None:
+        """(Re)build the sync group of ``role``: learner rank 0 + every actor of the role."""
+        group = self.rollout if role == "rollout" else self.teacher
+        addr, port = self._get(self.learners[0].address.remote())
+        args = (addr, port)
+        opts = (len(group) + 1, self.cfg.weight_sync.backend, self.cfg.fault_tolerance.call_timeout_s)
+        self._get([self.learners[0].join_sync_group.remote(role, *args, 0, *opts)]
+                  + [group[i].join_sync_group.remote(role, *args, i + 1, *opts) for i in range(len(group))])
+        self._stale_groups.discard(role)
+
+    def _publish(self, kind: str, version: int, group: str | None = None) -> WeightHandle:
+        handles = self._get(self.learners.call("publish", kind, version, group))
         return handles[0]
+
+    def _push(self, role: str, kind: str, version: int) -> WeightHandle:
+        """Publish ``kind`` weights as ``version`` and load them into every actor of ``role``."""
+        group = self.rollout if role == "rollout" else self.teacher
+        if not self.collective:
+            handle = self._publish(kind, version)
+            self._get(group.call("update_weights", handle))
+            return handle
+        if role in self._stale_groups:  # a member was restarted since the group was built
+            self.join_sync_group(role)
+        handle = self._publish(kind, version, role)
+        self._get([self.learners[0].send_weights.remote(role)] + group.call("update_weights", handle))
+        return handle
 
     def sync_rollout(self) -> None:
         if self.rollout is None:
             return
-        self.rollout_weights = self._publish("student", self.student_version)
-        self._get(self.rollout.call("update_weights", self.rollout_weights))
+        self.rollout_weights = self._push("rollout", "student", self.student_version)
 
     def sync_teacher(self, version: int | None = None) -> None:
         if self.teacher is None:
             return
         kind = "teacher" if self.cfg.teacher.kind == "ema" else "student"
         self.teacher_version = self.student_version if version is None else version
-        self.teacher_weights = self._publish(kind, self.teacher_version)
-        self._get(self.teacher.call("update_weights", self.teacher_weights))
+        self.teacher_weights = self._push("teacher", kind, self.teacher_version)
 
     # ---- one batch ---------------------------------------------------------------------------
     def _sampling(self) -> dict:
@@ -261,6 +290,11 @@ class Controller:
                     raise
                 time.sleep(0.5)
         weights = self.rollout_weights if role == "rollout" else self.teacher_weights
+        if weights is not None and weights.transport == "collective":
+            # The restarted actor left its sync group: rebuild the group before the next sync,
+            # and hand this one actor the group's current weights through the object store.
+            self._stale_groups.add(role)
+            weights = self._get(self.learners[0].republish.remote(role))
         if weights is not None:
             ray.get(group[index].update_weights.remote(weights), timeout=self.cfg.fault_tolerance.call_timeout_s)
 

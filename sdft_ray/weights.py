@@ -2,9 +2,13 @@
 
 The learner (rank 0) publishes named tensors as a ``WeightHandle``: a version number plus
 whatever the transport needs to deliver them. Receivers (rollout engines, teacher scorers)
-iterate the named tensors and copy them into their own model. The object-store transport
-packs parameters into flat byte buckets (``bucket_mb`` each: one object per bucket, not
-one RPC per parameter) so that a receiver streams them with bounded memory.
+iterate the named tensors and copy them into their own model. Both transports pack parameters
+into flat byte buckets (``bucket_mb`` each: one transfer per bucket, not one RPC per
+parameter) so that a receiver streams them with bounded memory:
+
+* ``object_store``: buckets are Ray objects; works everywhere, the default;
+* ``collective``: buckets are broadcast from learner rank 0 over a sync group
+  (:mod:`sdft_ray.collective`; gloo on CPU, NCCL between GPUs), no object-store copy.
 """
 
 from __future__ import annotations
@@ -46,29 +50,48 @@ class WeightTransport(ABC):
         """Receiver side: yield (name, CPU tensor) pairs of a handle."""
 
 
+_ALIGN = 16  # every tensor starts at a multiple of this many bytes, so any dtype can view it
+
+
+def pack_tensors(items: list[tuple[str, torch.Tensor]], device: torch.device | str = "cpu"
+                 ) -> tuple[dict[str, Any], torch.Tensor]:
+    """``(meta, flat)``: the tensors' bytes in one flat uint8 tensor on ``device`` (each starting
+    at a multiple of 16 bytes) and what it takes to cut them out again (names, dtypes, shapes,
+    offsets)."""
+    tensors = [t.detach().to(device).contiguous() for _, t in items]
+    offsets, size = [], 0
+    for t in tensors:
+        offsets.append(size)
+        size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    flat = torch.zeros(size, dtype=torch.uint8, device=device)
+    for t, offset in zip(tensors, offsets):
+        raw = t.reshape(-1).view(torch.uint8)
+        flat[offset : offset + raw.numel()] = raw
+    meta = {"names": [n for n, _ in items], "dtypes": [_DTYPE_NAMES[t.dtype] for t in tensors],
+            "shapes": [tuple(t.shape) for t in tensors], "offsets": offsets, "num_bytes": size}
+    return meta, flat
+
+
+def unpack_tensors(meta: dict[str, Any], flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views into ``flat`` for every tensor that :func:`pack_tensors` described in ``meta``."""
+    for name, dtype_name, shape, offset in zip(meta["names"], meta["dtypes"], meta["shapes"], meta["offsets"]):
+        dtype = _NAME_DTYPES[dtype_name]
+        count = int(np.prod(shape)) if shape else 1
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        yield name, flat[offset : offset + nbytes].view(dtype).view(shape)
+
+
 def pack_bucket(items: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
     """Pack tensors into one flat uint8 numpy buffer (zero-copy in Ray's object store)."""
-    tensors = [t.detach().to("cpu").contiguous() for _, t in items]
-    flat = torch.cat([t.view(-1).view(torch.uint8) for t in tensors]) if tensors else torch.empty(0, dtype=torch.uint8)
-    return {
-        "names": [n for n, _ in items],
-        "dtypes": [_DTYPE_NAMES[t.dtype] for t in tensors],
-        "shapes": [tuple(t.shape) for t in tensors],
-        "data": flat.numpy(),
-    }
+    meta, flat = pack_tensors(items)
+    return {**meta, "data": flat.numpy()}
 
 
 def unpack_bucket(bucket: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
         warnings.simplefilter("ignore", UserWarning)
         data = torch.from_numpy(np.asarray(bucket["data"]))
-    offset = 0
-    for name, dtype_name, shape in zip(bucket["names"], bucket["dtypes"], bucket["shapes"]):
-        dtype = _NAME_DTYPES[dtype_name]
-        count = int(np.prod(shape)) if shape else 1
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
-        yield name, data[offset : offset + nbytes].view(dtype).view(shape)
-        offset += nbytes
+    yield from unpack_tensors(bucket, data)
 
 
 def bucketize(
@@ -152,7 +175,75 @@ class FileTransport(WeightTransport):
                 yield name, fh.get_tensor(name)
 
 
+class CollectiveTransport(WeightTransport):
+    """Bucketed broadcast over a sync group (:mod:`sdft_ray.collective`): gloo on CPU, NCCL on GPUs.
+
+    Two phases, because a broadcast needs the sender and every receiver at once:
+    :meth:`publish` (learner rank 0, group rank 0) packs the weights into flat buckets on the
+    group's device and returns a handle with their layout only; then :meth:`send` and every
+    receiver's :meth:`receive` run together (the controller issues both and waits). The sender
+    holds every bucket of one publish until it is sent. The last published weights stay on the
+    sender's CPU (the same tensors on a gloo group; a host copy, taken after sending, on an NCCL
+    group: the memory the object store would use) so that a restarted receiver, or a checkpoint
+    snapshot, gets exactly what the group holds (:meth:`retained`).
+    """
+
+    name = "collective"
+
+    def __init__(self, group: str | None = None, bucket_mb: float = 256.0):
+        self.group = group
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self._pending: list[torch.Tensor] = []
+        self._retained: list[tuple[dict[str, Any], torch.Tensor]] | None = None
+
+    def publish(self, named_tensors, version, kind):
+        from sdft_ray.collective import get_group
+
+        if self.group is None:
+            raise ValueError("CollectiveTransport.publish needs the sync group's name")
+        device = get_group(self.group).device
+        metas, flats = [], []
+        for bucket in bucketize(named_tensors, self.bucket_bytes):
+            meta, flat = pack_tensors(bucket, device)
+            metas.append(meta)
+            flats.append(flat)
+        self._pending = flats
+        self._retained = list(zip(metas, flats))
+        return WeightHandle(version=version, kind=kind, transport=self.name, payload=(self.group, tuple(metas)),
+                            num_bytes=sum(m["num_bytes"] for m in metas), num_tensors=sum(len(m["names"]) for m in metas))
+
+    def send(self) -> int:
+        """Broadcast the buckets of the last :meth:`publish` (sender side); returns the bytes sent."""
+        from sdft_ray.collective import broadcast
+
+        sent = 0
+        for flat in self._pending:
+            broadcast(self.group, flat)
+            sent += int(flat.numel())
+        self._pending = []
+        if self._retained and self._retained[0][1].device.type != "cpu":
+            self._retained = [(meta, flat.to("cpu")) for meta, flat in self._retained]
+        return sent
+
+    def receive(self, handle):
+        from sdft_ray.collective import broadcast, get_group
+
+        group, metas = handle.payload
+        device = get_group(group).device
+        for meta in metas:  # one bucket in memory at a time
+            flat = torch.empty(meta["num_bytes"], dtype=torch.uint8, device=device)
+            broadcast(group, flat)
+            yield from unpack_tensors(meta, flat)
+
+    def retained(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors of the last publish again (for a restarted receiver or a snapshot)."""
+        if self._retained is None:
+            raise RuntimeError(f"nothing was published on sync group {self.group!r} yet")
+        return (pair for meta, flat in self._retained for pair in unpack_tensors(meta, flat))
+
+
 TRANSPORTS: dict[str, type[WeightTransport]] = {
+    CollectiveTransport.name: CollectiveTransport,
     ObjectStoreTransport.name: ObjectStoreTransport,
     InProcessTransport.name: InProcessTransport,
     FileTransport.name: FileTransport,

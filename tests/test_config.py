@@ -40,6 +40,13 @@ def test_errors_name_the_field(override, field):
     assert field.split(".")[-1] in str(err.value)
 
 
+def test_nccl_broadcast_refuses_colocated_gpus():
+    with pytest.raises(ConfigError, match="placement.rollout.num_gpus < 1 shares GPUs"):
+        load_config(None, ["weight_sync.transport=collective", "weight_sync.backend=nccl",
+                           "placement.rollout.num_gpus=0.5"])
+    assert load_config(None, ["weight_sync.transport=collective", "placement.rollout.num_gpus=1"]).weight_sync.backend == "auto"
+
+
 def test_batch_divisibility_is_checked_before_any_actor():
     with pytest.raises(ConfigError, match="divisible"):
         load_config(None, ["schedule.prompts_per_step=6", "rollout.num_workers=4"])

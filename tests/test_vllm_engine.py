@@ -21,7 +21,7 @@ from sdft_ray.engines import SamplingSpec  # noqa: E402
 from sdft_ray.forward import response_logits  # noqa: E402
 from sdft_ray.models import build_random_model, load_causal_lm, load_tokenizer  # noqa: E402
 from sdft_ray.trajectory import PromptShard, Trajectories  # noqa: E402
-from sdft_ray.weights import ObjectStoreTransport, load_named_tensors  # noqa: E402
+from sdft_ray.weights import CollectiveTransport, ObjectStoreTransport, load_named_tensors  # noqa: E402
 
 from conftest_tokenizer import make_test_tokenizer  # noqa: E402
 
@@ -143,6 +143,58 @@ def test_weight_update_through_object_store(ray_local, rollout_actor, vllm_model
         assert np.abs(_token_lp(lp_old, ids) - traj.rollout_logprobs[r]).max() > 1e-2  # really new weights
 
 
+class _Sender:
+    """Stands in for learner rank 0: group rank 0 of a sync group, broadcasting weights."""
+
+    def __init__(self, weights):
+        self.weights, self.transport = weights, CollectiveTransport("rollout", bucket_mb=0.05)
+
+    def address(self):
+        import ray
+
+        from actors.learner import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, addr, port, world):
+        from sdft_ray.collective import join_group
+
+        return join_group("rollout", addr, port, 0, world, "gloo", 120)
+
+    def publish(self, version):
+        return self.transport.publish(self.weights.items(), version, "student")
+
+    def send(self):
+        return self.transport.send()
+
+
+def test_weight_update_through_collective_broadcast(ray_local, rollout_actor, vllm_model_dir, prompts):
+    """weight_sync.transport 'collective': gloo broadcast from a sender into the running vLLM engine."""
+    student, teacher = prompts
+    new = load_causal_lm(vllm_model_dir, "float32").eval()
+    gen = torch.Generator().manual_seed(8)
+    perturbed = {n: p.detach() + 0.1 * torch.randn(p.shape, generator=gen) for n, p in new.named_parameters()}
+    load_named_tensors(new, perturbed.items())
+    sender = ray_local.remote(_Sender).options(num_cpus=0.1).remote(perturbed)
+    try:
+        addr, port = ray_local.get(sender.address.remote())
+        ray_local.get([sender.join.remote(addr, port, 2),
+                       rollout_actor.join_sync_group.remote("rollout", addr, port, 1, 2, "gloo", 120)], timeout=300)
+        handle = ray_local.get(sender.publish.remote(9))
+        assert handle.transport == "collective" and len(handle.payload[1]) > 1  # several buckets
+        sent, version = ray_local.get([sender.send.remote(), rollout_actor.update_weights.remote(handle)], timeout=300)
+        assert sent == handle.num_bytes and version == 9
+    finally:
+        ray_local.kill(sender)
+    _, traj = _generate(ray_local, rollout_actor, _shard(student, teacher), greedy=True)
+    assert traj.policy_version == 9
+    for r in range(len(traj)):
+        ids = traj.response_ids[r]
+        lp_new = _hf_logprobs(new, traj.prompt_ids[r], ids)
+        np.testing.assert_allclose(traj.rollout_logprobs[r], _token_lp(lp_new, ids), atol=1e-3)
+        np.testing.assert_array_equal(ids, lp_new.argmax(-1).numpy())
+
+
 def test_teacher_scores_match_transformers(ray_local, rollout_actor, vllm_model_dir, prompts):
     from actors.teacher import score_trajectories
     from sdft_ray.engines.vllm import VLLMEngine
@@ -167,7 +219,7 @@ def test_teacher_scores_match_transformers(ray_local, rollout_actor, vllm_model_
 
 
 def test_sdft_trains_with_vllm_rollout_and_vllm_teacher(ray_local, rollout_actor, vllm_model_dir, tiny_data, tmp_path):
-    """The whole loop on vLLM: rollout and teacher scoring engines in actors, weights pushed into both."""
+    """The whole loop on vLLM: rollout and teacher scoring engines in actors, weights broadcast into both."""
     import ray
 
     from conftest import tiny_config
@@ -179,7 +231,8 @@ def test_sdft_trains_with_vllm_rollout_and_vllm_teacher(ray_local, rollout_actor
                       rollout={"engine": "vllm", "vllm": cpu},
                       teacher={"engine": "vllm", "vllm": cpu, "kind": "ema", "sync_every": 1},
                       loss={"estimator": "topk", "topk_source": "teacher", "top_k": 5},
-                      learner={"lr": 1e-2}, schedule={"max_steps": 3})
+                      learner={"lr": 1e-2}, schedule={"max_steps": 3},
+                      weight_sync={"transport": "collective"})  # gloo broadcasts into both vLLM engines
     ctl = prepare(cfg).controller()
     ctl.start()
     try:
