@@ -46,9 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from sdft_ray.config import RunConfig, _set_dotted, config_from_dict, parse_override
+from sdft_ray.config import RunConfig, _set_dotted, config_from_dict, parse_override, read_yaml
 from sdft_ray.errors import ConfigError
 
 log = logging.getLogger("sdft_ray.study")
@@ -247,12 +246,7 @@ def study_from_dict(tree: Mapping[str, Any], source: str = "<dict>") -> StudySpe
 def load_study(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> StudySpec:
     """Read a study YAML and apply ``a.b=c`` overrides (e.g. ``lrs=[1e-5]``, ``stages.0.steps=4``
     is not supported: use ``--steps`` of the CLI or edit the file)."""
-    try:
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"study file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    tree = read_yaml(path, "study file") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping")
     for item in overrides:

@@ -120,25 +120,39 @@ def test_stop_tokens_end_the_response(ray_local, rollout_actor, prompts):
         assert done or len(ids) == MAX_NEW
 
 
-def test_weight_update_through_object_store(ray_local, rollout_actor, vllm_model_dir, prompts):
+def _perturbed(model_dir, seed: int):
+    """(model, its weights): the tiny model with every parameter moved by 0.1 x N(0, 1) noise."""
+    model = load_causal_lm(model_dir, "float32").eval()
+    gen = torch.Generator().manual_seed(seed)
+    weights = {n: p.detach() + 0.1 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+    load_named_tensors(model, weights.items())
+    return model, weights
+
+
+def _greedy_matches(ray, actor, prompts, model, version: int):
+    """Greedy generation in ``actor`` is ``model``'s: same tokens, log-probs to 1e-3, version tag."""
     student, teacher = prompts
+    _, traj = _generate(ray, actor, _shard(student, teacher), greedy=True)
+    assert traj.policy_version == version
+    for r in range(len(traj)):
+        ids = traj.response_ids[r]
+        lp_new = _hf_logprobs(model, traj.prompt_ids[r], ids)
+        np.testing.assert_allclose(traj.rollout_logprobs[r], _token_lp(lp_new, ids), atol=1e-3)
+        np.testing.assert_array_equal(ids, lp_new.argmax(-1).numpy())  # greedy under the new weights
+    return traj
+
+
+def test_weight_update_through_object_store(ray_local, rollout_actor, vllm_model_dir, prompts):
     old = load_causal_lm(vllm_model_dir, "float32").eval()
-    new = load_causal_lm(vllm_model_dir, "float32").eval()
-    gen = torch.Generator().manual_seed(7)
-    perturbed = {n: p.detach() + 0.1 * torch.randn(p.shape, generator=gen) for n, p in new.named_parameters()}
-    load_named_tensors(new, perturbed.items())
+    new, perturbed = _perturbed(vllm_model_dir, seed=7)
 
     handle = ObjectStoreTransport(bucket_mb=0.05).publish(perturbed.items(), version=5, kind="student")
     assert len(handle.payload) > 1  # several buckets: the engine must stream them into one reload
     assert ray_local.get(rollout_actor.update_weights.remote(handle), timeout=300) == 5
 
-    _, traj = _generate(ray_local, rollout_actor, _shard(student, teacher), greedy=True)
-    assert traj.policy_version == 5
+    traj = _greedy_matches(ray_local, rollout_actor, prompts, new, version=5)
     for r in range(len(traj)):
         ids = traj.response_ids[r]
-        lp_new = _hf_logprobs(new, traj.prompt_ids[r], ids)
-        np.testing.assert_allclose(traj.rollout_logprobs[r], _token_lp(lp_new, ids), atol=1e-3)
-        np.testing.assert_array_equal(ids, lp_new.argmax(-1).numpy())  # greedy under the new weights
         lp_old = _hf_logprobs(old, traj.prompt_ids[r], ids)
         assert np.abs(_token_lp(lp_old, ids) - traj.rollout_logprobs[r]).max() > 1e-2  # really new weights
 
@@ -170,11 +184,7 @@ class _Sender:
 
 def test_weight_update_through_collective_broadcast(ray_local, rollout_actor, vllm_model_dir, prompts):
     """weight_sync.transport 'collective': gloo broadcast from a sender into the running vLLM engine."""
-    student, teacher = prompts
-    new = load_causal_lm(vllm_model_dir, "float32").eval()
-    gen = torch.Generator().manual_seed(8)
-    perturbed = {n: p.detach() + 0.1 * torch.randn(p.shape, generator=gen) for n, p in new.named_parameters()}
-    load_named_tensors(new, perturbed.items())
+    new, perturbed = _perturbed(vllm_model_dir, seed=8)
     sender = ray_local.remote(_Sender).options(num_cpus=0.1).remote(perturbed)
     try:
         addr, port = ray_local.get(sender.address.remote())
@@ -186,13 +196,7 @@ def test_weight_update_through_collective_broadcast(ray_local, rollout_actor, vl
         assert sent == handle.num_bytes and version == 9
     finally:
         ray_local.kill(sender)
-    _, traj = _generate(ray_local, rollout_actor, _shard(student, teacher), greedy=True)
-    assert traj.policy_version == 9
-    for r in range(len(traj)):
-        ids = traj.response_ids[r]
-        lp_new = _hf_logprobs(new, traj.prompt_ids[r], ids)
-        np.testing.assert_allclose(traj.rollout_logprobs[r], _token_lp(lp_new, ids), atol=1e-3)
-        np.testing.assert_array_equal(ids, lp_new.argmax(-1).numpy())
+    _greedy_matches(ray_local, rollout_actor, prompts, new, version=9)
 
 
 def test_sleep_mode_is_refused_where_vllm_has_none(vllm_model_dir):

@@ -52,6 +52,7 @@ from typing import Any
 
 import yaml
 
+from sdft_ray.config import read_yaml
 from sdft_ray.data import read_records
 from sdft_ray.errors import ConfigError, DataError
 from sdft_ray.evaluation.tasks import EvalTask, write_task_yaml
@@ -76,12 +77,7 @@ _Loader.add_constructor("!function", lambda loader, node: _FunctionTag(loader.co
 def load_lm_eval_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The task YAML with its ``include`` chain merged (the including file wins)."""
     path = Path(path)
-    try:
-        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
-    except FileNotFoundError:
-        raise ConfigError(f"lm-eval task file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    loaded = read_yaml(path, "lm-eval task file", _Loader)
     if not isinstance(loaded, Mapping):
         raise ConfigError(f"{path}: expected a task mapping, got {type(loaded).__name__}")
     spec = dict(loaded)

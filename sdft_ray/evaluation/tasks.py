@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from sdft_ray.config import read_yaml
 from sdft_ray.errors import ConfigError
 from sdft_ray.evaluation.metrics import METRICS, Scorer, get_metric
 
@@ -170,10 +171,7 @@ def tasks_from_dicts(entries: Sequence[Mapping[str, Any]], defaults: Mapping[str
 
 
 def _load_file(path: Path) -> list[EvalTask]:
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    loaded = read_yaml(path, "eval task file")
     if isinstance(loaded, Mapping) and "tasks" in loaded:
         extra = sorted(set(loaded) - {"tasks", "defaults"})
         if extra:
