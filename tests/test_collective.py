@@ -3,11 +3,13 @@ weights.CollectiveTransport and the controller's ``weight_sync.transport: collec
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 import ray
+import ray.cloudpickle as ray_cloudpickle
 import torch
 
 from actors.group import SyncGroupMember
@@ -17,6 +19,8 @@ from sdft_ray.runner import prepare
 from sdft_ray.weights import CollectiveTransport, pack_tensors, unpack_tensors
 
 pytestmark = pytest.mark.slow
+# Ray workers cannot import this test module: ship the helper actor classes by value.
+ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _tensors(seed: int) -> list[tuple[str, torch.Tensor]]:

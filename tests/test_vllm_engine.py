@@ -10,8 +10,11 @@ Every reference is a transformers forward pass in fp32 on the same tokens.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
+import ray.cloudpickle as ray_cloudpickle
 import torch
 
 pytest.importorskip("vllm")
@@ -26,6 +29,8 @@ from sdft_ray.weights import CollectiveTransport, ObjectStoreTransport, load_nam
 from conftest_tokenizer import make_test_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.slow
+# Ray workers cannot import this test module: ship the helper actor classes by value.
+ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 ENGINE_OPTIONS = {"max_model_len": 256, "kv_cache_memory_bytes": 64 << 20}
 MAX_NEW = 12
