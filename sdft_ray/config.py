@@ -203,6 +203,20 @@ class RunConfig(_Section):
             )
         if self.prompts.max_teacher_prompt_tokens < self.prompts.max_prompt_tokens:
             raise ValueError("prompts.max_teacher_prompt_tokens must be >= prompts.max_prompt_tokens")
+        for role in ("rollout", "teacher"):
+            section = getattr(self, role)
+            tp = section.vllm.get("tensor_parallel_size", 1)
+            if section.engine != "vllm" or tp == 1:
+                continue
+            gpus = getattr(self.placement, role).num_gpus
+            if not isinstance(tp, int) or tp < 1:
+                raise ValueError(f"{role}.vllm.tensor_parallel_size must be a positive integer, got {tp!r}")
+            if gpus != tp:
+                raise ValueError(f"{role}.vllm.tensor_parallel_size = {tp} needs placement.{role}.num_gpus = {tp} "
+                                 f"(each {role} actor's bundle holds its engine's GPUs), got {gpus}")
+            if section.vllm.get("in_process", True):
+                raise ValueError(f"{role}.vllm.tensor_parallel_size = {tp} needs {role}.vllm.in_process: false "
+                                 "(vLLM starts one worker process per GPU of the actor's bundle)")
         shared_gpu = [r for r in ("rollout", "teacher", "learner") if 0 < getattr(self.placement, r).num_gpus < 1]
         if self.weight_sync.transport == "collective" and self.weight_sync.backend == "nccl" and shared_gpu:
             raise ValueError(

@@ -47,6 +47,16 @@ def test_nccl_broadcast_refuses_colocated_gpus():
     assert load_config(None, ["weight_sync.transport=collective", "placement.rollout.num_gpus=1"]).weight_sync.backend == "auto"
 
 
+def test_vllm_tensor_parallel_needs_a_bundle_of_that_many_gpus():
+    tp = ["rollout.engine=vllm", "rollout.vllm={tensor_parallel_size: 2, in_process: false}"]
+    with pytest.raises(ConfigError, match="needs placement.rollout.num_gpus = 2"):
+        load_config(None, tp + ["placement.rollout.num_gpus=1"])
+    with pytest.raises(ConfigError, match="needs rollout.vllm.in_process: false"):
+        load_config(None, ["rollout.engine=vllm", "rollout.vllm={tensor_parallel_size: 2}",
+                           "placement.rollout.num_gpus=2"])
+    assert load_config(None, tp + ["placement.rollout.num_gpus=2"]).rollout.vllm["tensor_parallel_size"] == 2
+
+
 def test_batch_divisibility_is_checked_before_any_actor():
     with pytest.raises(ConfigError, match="divisible"):
         load_config(None, ["schedule.prompts_per_step=6", "rollout.num_workers=4"])
