@@ -71,15 +71,51 @@ def divergence_from_logprobs(student_logp: Tensor, teacher_logp: Tensor, alpha: 
     return alpha * _kl(teacher_logp, mix) + (1.0 - alpha) * _kl(student_logp, mix)
 
 
+class _ForwardKLFromLogits(torch.autograd.Function):
+    """``KL(p || softmax(z))`` per position with a hand-written backward: the gradient with respect
+    to the logits is ``softmax(z) * sum(p) - p``, so nothing of the vocabulary-sized intermediate
+    graph is stored (the generic path keeps several ``[B, T, V]`` tensors for autograd). The
+    teacher ``p`` (given as log-probs, ``-inf`` allowed) is a constant; logits must be finite."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, teacher_logp: Tensor) -> Tensor:  # noqa: D102
+        student_logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        p = teacher_logp.exp()
+        # 0 * (finite - x) = 0 where the teacher has no mass: no NaN from -inf - x.
+        floor = torch.finfo(teacher_logp.dtype).min
+        value = (p * (teacher_logp.clamp(min=floor) - student_logp)).sum(-1)
+        ctx.save_for_backward(student_logp, teacher_logp)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        student_logp, teacher_logp = ctx.saved_tensors
+        p = teacher_logp.exp()
+        return grad.unsqueeze(-1) * (student_logp.exp() * p.sum(-1, keepdim=True) - p), None
+
+
+def forward_kl_from_logits(student_logits: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """``[B, T]`` ``KL(teacher || student)`` over the full vocabulary from the student's raw logits
+    (the published SDFT loss): fused when the logits are finite, else the generic
+    :func:`divergence_from_logprobs` (which handles ``-inf`` logits). Same value and gradient."""
+    dtype = _compute_dtype(student_logits)
+    logits, teacher = student_logits.to(dtype), teacher_logprobs.to(dtype).detach()
+    if not bool(torch.isfinite(logits).all()):
+        return divergence_from_logprobs(logits.log_softmax(-1), teacher, 0.0)
+    return _ForwardKLFromLogits.apply(logits, teacher)
+
+
 def full_vocab_divergence(student_logits: Tensor, teacher_logprobs: Tensor, alpha: float) -> Tensor:
     """Divergence over the full vocabulary.
 
     Args:
         student_logits: ``[B, T, V]`` raw logits (log-softmaxed here in fp32/fp64).
-        teacher_logprobs: ``[B, T, V]`` normalized teacher log-probs.
+        teacher_logprobs: ``[B, T, V]`` normalized teacher log-probs (constants: no gradient).
     Returns:
         ``[B, T]`` per-position divergence.
     """
+    if alpha == 0.0:
+        return forward_kl_from_logits(student_logits, teacher_logprobs)
     dtype = _compute_dtype(student_logits)
     student_logp = student_logits.to(dtype).log_softmax(-1)
     return divergence_from_logprobs(student_logp, teacher_logprobs.to(dtype), alpha)
@@ -310,15 +346,17 @@ def distillation_loss(spec: LossSpec, student_logits: Tensor, response_ids: Tens
         per_token = sampled_token_loss(student_tok, teacher_tok)
         divergence = (student_tok - teacher_tok).detach()
     else:
-        student_logp = student_logits.to(dtype).log_softmax(-1)
-        student_tok = student_logp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
         if spec.estimator == "full":
             assert teacher.full_logprobs is not None
             _check_shape("teacher.full_logprobs", teacher.full_logprobs, (B, T, V), ref)
             teacher_logp = teacher.full_logprobs.detach().to(dtype)
-            per_token = divergence_from_logprobs(student_logp, teacher_logp, spec.alpha)
+            with torch.no_grad():  # only for metrics and importance weights
+                student_tok = token_logprobs(student_logits, response_ids)
+            per_token = full_vocab_divergence(student_logits, teacher_logp, spec.alpha)
             teacher_tok = teacher_logp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
         else:
+            student_logp = student_logits.to(dtype).log_softmax(-1)
+            student_tok = student_logp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
             assert teacher.topk_ids is not None and teacher.topk_logprobs is not None
             k = teacher.topk_ids.shape[-1]
             _check_shape("teacher.topk_ids", teacher.topk_ids, (B, T, k), ref)
