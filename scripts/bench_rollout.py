@@ -16,7 +16,9 @@ the same generated tokens) and thread count:
 4. (``--hf``) ``HFEngine.generate`` in this process, for reference;
 
 then weight sync: ``ObjectStoreTransport.publish`` of the model's parameters here plus
-``RolloutWorker.update_weights`` in the actor (in-place vLLM reload), as seconds per GB.
+``RolloutWorker.update_weights`` in the actor (in-place vLLM reload), as seconds per GB; and the
+same through ``CollectiveTransport`` (this process as group rank 0, a gloo broadcast), with the
+ratio of the two.
 """
 
 from __future__ import annotations
@@ -186,6 +188,33 @@ def main() -> None:
                               "s_per_gb": (statistics.median(pub) + statistics.median(upd)) / gb}
     ws = results["weight_sync"]
 
+    # The same through weight_sync.transport 'collective': this process is group rank 0 (the
+    # learner's role), the actor rank 1; pack here, then broadcast + in-place reload together.
+    from actors.learner import free_port
+    from sdft_ray.collective import join_group
+    from sdft_ray.weights import CollectiveTransport
+
+    addr, port = ray.util.get_node_ip_address(), free_port()
+    joined = actor.join_sync_group.remote("rollout", addr, port, 1, 2, "gloo", 300)
+    join_group("rollout", addr, port, 0, 2, "gloo", 300)
+    ray.get(joined)
+    collective = CollectiveTransport("rollout")
+    pub, upd = [], []
+    for version in range(args.sync_rounds + 1, 2 * args.sync_rounds + 1):
+        t0 = time.perf_counter()
+        handle = collective.publish(model.named_parameters(), version=version, kind="student")
+        t1 = time.perf_counter()
+        receiving = actor.update_weights.remote(handle)
+        collective.send()
+        assert ray.get(receiving) == version
+        t2 = time.perf_counter()
+        pub.append(t1 - t0)
+        upd.append(t2 - t1)
+    results["weight_sync_collective"] = {
+        "bytes": handle.num_bytes, "pack_s": statistics.median(pub), "broadcast_update_s": statistics.median(upd),
+        "s_per_gb": (statistics.median(pub) + statistics.median(upd)) / (handle.num_bytes / 1e9)}
+    wc = results["weight_sync_collective"]
+
     if args.hf:
         ray.kill(actor)
         from sdft_ray.engines.hf import HFEngine
@@ -210,6 +239,9 @@ def main() -> None:
     print(f"actor overhead ratio (bare / actor tokens/s): {results['actor_overhead_ratio']:.3f}")
     print(f"weight sync: {nbytes / 1e6:.1f} MB, publish {ws['publish_s']:.3f} s + update {ws['update_s']:.3f} s "
           f"= {ws['s_per_gb']:.2f} s/GB")
+    print(f"weight sync (collective, gloo): pack {wc['pack_s']:.3f} s + broadcast and update "
+          f"{wc['broadcast_update_s']:.3f} s = {wc['s_per_gb']:.2f} s/GB "
+          f"(ratio object store / collective: {ws['s_per_gb'] / wc['s_per_gb']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     ray.shutdown()
