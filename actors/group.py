@@ -51,6 +51,11 @@ class SyncGroupMember:
 
         return join_group(name, master_addr, master_port, rank, world_size, backend, timeout_s)
 
+    def sync_group_token(self, name: str) -> str | None:
+        from sdft_ray.collective import membership
+
+        return membership(name)
+
 
 class ActorGroup:
     def __init__(

@@ -15,12 +15,13 @@ group, which is how the controller rebuilds a group after a member was restarted
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["SyncGroup", "broadcast", "get_group", "join_group", "leave_group", "resolve_backend"]
+__all__ = ["SyncGroup", "broadcast", "get_group", "join_group", "leave_group", "membership", "resolve_backend"]
 
 
 @dataclass
@@ -32,6 +33,7 @@ class SyncGroup:
     device: torch.device
     process_group: Any
     store: Any  # keeps the TCPStore (and, on rank 0, its server) alive
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # this membership, to detect restarts
 
 
 _GROUPS: dict[str, SyncGroup] = {}
@@ -70,8 +72,16 @@ def join_group(name: str, master_addr: str, master_port: int, rank: int, world_s
         options._timeout = timeout
         group = ProcessGroupNCCL(prefixed, rank, world_size, options)
         device = torch.device("cuda", torch.cuda.current_device())
-    _GROUPS[name] = SyncGroup(name, rank, world_size, backend, device, group, store)
-    return {"group": name, "rank": rank, "world_size": world_size, "backend": backend, "device": str(device)}
+    member = _GROUPS[name] = SyncGroup(name, rank, world_size, backend, device, group, store)
+    return {"group": name, "rank": rank, "world_size": world_size, "backend": backend, "device": str(device),
+            "token": member.token}
+
+
+def membership(name: str) -> str | None:
+    """The token of this process's membership in ``name`` (None if not a member): a restarted
+    actor has none, so the controller can rebuild the group before a broadcast would hang."""
+    group = _GROUPS.get(name)
+    return None if group is None else group.token
 
 
 def get_group(name: str) -> SyncGroup:

@@ -93,6 +93,7 @@ class Controller:
         self.teacher_weights: WeightHandle | None = None
         self.restarts = {"rollout": 0, "teacher": 0}
         self._stale_groups: set[str] = set()  # weight sync groups to rebuild (a member restarted)
+        self._group_tokens: dict[str, list[str]] = {}  # role -> each member's membership token
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last, cfg.output.best_mode)
         self.pg = None
         self.rollout = self.teacher = self.learners = None
@@ -171,9 +172,31 @@ class Controller:
         addr, port = self._get(self.learners[0].address.remote())
         args = (addr, port)
         opts = (len(group) + 1, self.cfg.weight_sync.backend, self.cfg.fault_tolerance.call_timeout_s)
-        self._get([self.learners[0].join_sync_group.remote(role, *args, 0, *opts)]
-                  + [group[i].join_sync_group.remote(role, *args, i + 1, *opts) for i in range(len(group))])
+        infos = self._get([self.learners[0].join_sync_group.remote(role, *args, 0, *opts)]
+                          + [group[i].join_sync_group.remote(role, *args, i + 1, *opts) for i in range(len(group))])
+        self._group_tokens[role] = [info["token"] for info in infos[1:]]
         self._stale_groups.discard(role)
+
+    def _ensure_sync_group(self, role: str) -> None:
+        """Before a broadcast: every member must still hold the membership it joined with. An actor
+        that Ray restarted since (even while idle) has none; a broadcast would then wait for it
+        until the time-out, so recover it and rebuild the group first."""
+        group = self.rollout if role == "rollout" else self.teacher
+        refs = [group[i].sync_group_token.remote(role) for i in range(len(group))]
+        joined = self._group_tokens.get(role, [None] * len(group))
+        for i, ref in enumerate(refs):
+            try:
+                token = self._get(ref)
+            except (RayActorError, GetTimeoutError) as exc:
+                self._recover(role, i, exc)
+                token = None
+            else:
+                if token != joined[i]:  # restarted while idle: count it and hand it the weights
+                    self._recover(role, i, RuntimeError("restarted: lost its weight sync group membership"))
+            if token != joined[i]:
+                self._stale_groups.add(role)
+        if role in self._stale_groups:
+            self.join_sync_group(role)
 
     def _publish(self, kind: str, version: int, group: str | None = None) -> WeightHandle:
         handles = self._get(self.learners.call("publish", kind, version, group))
@@ -186,8 +209,7 @@ class Controller:
             handle = self._publish(kind, version)
             self._get(group.call("update_weights", handle))
             return handle
-        if role in self._stale_groups:  # a member was restarted since the group was built
-            self.join_sync_group(role)
+        self._ensure_sync_group(role)
         handle = self._publish(kind, version, role)
         self._get([self.learners[0].send_weights.remote(role)] + group.call("update_weights", handle))
         return handle

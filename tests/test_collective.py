@@ -157,3 +157,37 @@ def test_killed_rollout_actor_rejoins_the_sync_group(ray_local, tiny_model_dir, 
     assert all(h["staleness"] == 0 for h in history)  # the restarted worker got the group's weights
     assert held == [4, 4]  # and the rebuilt group's later broadcasts
     assert np.isfinite([h["loss"] for h in history]).all()
+
+
+def test_actor_restarted_while_idle_is_rejoined_before_the_broadcast(ray_local, tiny_model_dir, tmp_path):
+    """A rollout actor that dies and comes back between steps (no call in flight) holds no group
+    membership: the controller must notice before broadcasting, or learner rank 0 would wait for it
+    until the time-out (60 s here, which would fail the run)."""
+    data = write_facts(tmp_path / "facts.jsonl", n=8)
+    cfg = tiny_config(tiny_model_dir, data, tmp_path / "run", rollout={"num_workers": 2},
+                      schedule={"prompts_per_step": 4, "max_steps": 3},
+                      weight_sync={"transport": "collective"},
+                      fault_tolerance={"max_actor_restarts": 2, "call_timeout_s": 60})
+    prepared = prepare(cfg)
+    ctl = Controller(cfg, prepared.model_folder, prepared.examples, cfg.output.dir)
+    ctl.start()
+    real_sync, kills = ctl.sync_rollout, []
+    first = list(ctl._group_tokens["rollout"])
+
+    def kill_then_sync():
+        if ctl.step == 2 and not kills:
+            ray.kill(ctl.rollout[0], no_restart=False)
+            kills.append(ctl.step)
+        real_sync()
+
+    ctl.sync_rollout = kill_then_sync
+    try:
+        history = ctl.run()["history"]
+        held = [r["version"] for r in ray.get(ctl.rollout.call("ready"))]
+        tokens = list(ctl._group_tokens["rollout"])
+    finally:
+        ctl.shutdown()
+    assert kills == [2] and len(history) == 3
+    assert history[-1]["restarts/rollout"] == 1
+    assert held == [3, 3] and all(h["staleness"] == 0 for h in history)
+    assert tokens[0] != first[0] and tokens[1] != first[1]  # the whole group was rebuilt
