@@ -94,6 +94,7 @@ class Controller:
         self.restarts = {"rollout": 0, "teacher": 0}
         self._stale_groups: set[str] = set()  # weight sync groups to rebuild (a member restarted)
         self._group_tokens: dict[str, list[str]] = {}  # role -> each member's membership token
+        self._recovered: set[tuple[str, int]] = set()  # (role, index) restarted since its group was built
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last, cfg.output.best_mode)
         self.pg = None
         self.rollout = self.teacher = self.learners = None
@@ -171,11 +172,14 @@ class Controller:
         group = self.rollout if role == "rollout" else self.teacher
         addr, port = self._get(self.learners[0].address.remote())
         args = (addr, port)
-        opts = (len(group) + 1, self.cfg.weight_sync.backend, self.cfg.fault_tolerance.call_timeout_s)
+        # Collectives give up after half the call time-out, so that a broadcast stuck on a lost
+        # member fails (and is finished another way) before the controller's own wait does.
+        opts = (len(group) + 1, self.cfg.weight_sync.backend, self.cfg.fault_tolerance.call_timeout_s / 2)
         infos = self._get([self.learners[0].join_sync_group.remote(role, *args, 0, *opts)]
                           + [group[i].join_sync_group.remote(role, *args, i + 1, *opts) for i in range(len(group))])
         self._group_tokens[role] = [info["token"] for info in infos[1:]]
         self._stale_groups.discard(role)
+        self._recovered = {(r, i) for r, i in self._recovered if r != role}
 
     def _ensure_sync_group(self, role: str) -> None:
         """Before a broadcast: every member must still hold the membership it joined with. An actor
@@ -191,7 +195,8 @@ class Controller:
                 self._recover(role, i, exc)
                 token = None
             else:
-                if token != joined[i]:  # restarted while idle: count it and hand it the weights
+                # Restarted while idle (not seen by collect): count it and hand it the weights.
+                if token != joined[i] and (role, i) not in self._recovered:
                     self._recover(role, i, RuntimeError("restarted: lost its weight sync group membership"))
             if token != joined[i]:
                 self._stale_groups.add(role)
@@ -202,29 +207,52 @@ class Controller:
         handles = self._get(self.learners.call("publish", kind, version, group))
         return handles[0]
 
-    def _push(self, role: str, kind: str, version: int) -> WeightHandle:
-        """Publish ``kind`` weights as ``version`` and load them into every actor of ``role``."""
+    def _push(self, role: str, kind: str, version: int) -> None:
+        """Publish ``kind`` weights as ``version`` and load them into every actor of ``role``
+        (``self.<role>_weights`` names them). An actor lost during the update is restarted and
+        given them again; under ``collective``, a broadcast broken by a lost member is finished
+        through the object store for the members that did not get it, and the group is rebuilt."""
         group = self.rollout if role == "rollout" else self.teacher
-        if not self.collective:
-            handle = self._publish(kind, version)
-            self._get(group.call("update_weights", handle))
-            return handle
-        self._ensure_sync_group(role)
-        handle = self._publish(kind, version, role)
-        self._get([self.learners[0].send_weights.remote(role)] + group.call("update_weights", handle))
-        return handle
+        if self.collective:
+            self._ensure_sync_group(role)
+        handle = self._publish(kind, version, role if self.collective else None)
+        setattr(self, f"{role}_weights", handle)  # what _recover hands a restarted actor
+        sending = self.learners[0].send_weights.remote(role) if self.collective else None
+        updates = group.call("update_weights", handle)
+        broken = False
+        for i, ref in enumerate(updates):
+            try:
+                self._get(ref)
+            except (RayActorError, GetTimeoutError) as exc:  # lost or hung: restart, re-send
+                self._recover(role, i, exc)
+                broken = True
+            except RayTaskError as exc:  # alive, but its end of the broadcast failed
+                if not self.collective:
+                    raise
+                log.warning("%s actor %d missed the weight broadcast (%s); sending through the object store",
+                            role, i, str(exc).strip().splitlines()[-1][:300])
+                self._get(group[i].update_weights.remote(self._get(self.learners[0].republish.remote(role))))
+                broken = True
+        if sending is not None:
+            try:
+                self._get(sending)
+            except RayTaskError:
+                if not broken:
+                    raise  # the sender failed on its own: a learner problem, not a lost receiver
+        if broken and self.collective:
+            self._stale_groups.add(role)
 
     def sync_rollout(self) -> None:
         if self.rollout is None:
             return
-        self.rollout_weights = self._push("rollout", "student", self.student_version)
+        self._push("rollout", "student", self.student_version)
 
     def sync_teacher(self, version: int | None = None) -> None:
         if self.teacher is None:
             return
         kind = "teacher" if self.cfg.teacher.kind == "ema" else "student"
         self.teacher_version = self.student_version if version is None else version
-        self.teacher_weights = self._push("teacher", kind, self.teacher_version)
+        self._push("teacher", kind, self.teacher_version)
 
     # ---- one batch ---------------------------------------------------------------------------
     def _sampling(self) -> dict:
@@ -311,6 +339,7 @@ class Controller:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        self._recovered.add((role, index))
         weights = self.rollout_weights if role == "rollout" else self.teacher_weights
         if weights is not None and weights.transport == "collective":
             # The restarted actor left its sync group: rebuild the group before the next sync,

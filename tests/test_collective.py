@@ -176,7 +176,15 @@ def test_actor_restarted_while_idle_is_rejoined_before_the_broadcast(ray_local, 
 
     def kill_then_sync():
         if ctl.step == 2 and not kills:
-            ray.kill(ctl.rollout[0], no_restart=False)
+            actor = ctl.rollout[0]
+            pid = ray.get(actor.ready.remote())["pid"]
+            ray.kill(actor, no_restart=False)
+            while True:  # wait until Ray has brought it back: it is idle, no call of ours in flight
+                try:
+                    if ray.get(actor.ready.remote(), timeout=60)["pid"] != pid:
+                        break
+                except ray.exceptions.RayActorError:
+                    pass
             kills.append(ctl.step)
         real_sync()
 
@@ -191,3 +199,37 @@ def test_actor_restarted_while_idle_is_rejoined_before_the_broadcast(ray_local, 
     assert history[-1]["restarts/rollout"] == 1
     assert held == [3, 3] and all(h["staleness"] == 0 for h in history)
     assert tokens[0] != first[0] and tokens[1] != first[1]  # the whole group was rebuilt
+
+
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_actor_lost_during_a_weight_update_gets_the_weights_again(ray_local, tiny_model_dir, tmp_path, transport):
+    """A rollout actor killed right after the weight update was sent to it (it may die before,
+    during or after loading it): the run goes on with every worker holding the new weights."""
+    data = write_facts(tmp_path / "facts.jsonl", n=8)
+    cfg = tiny_config(tiny_model_dir, data, tmp_path / "run", rollout={"num_workers": 2},
+                      schedule={"prompts_per_step": 4, "max_steps": 3},
+                      weight_sync={"transport": transport},
+                      fault_tolerance={"max_actor_restarts": 2, "call_timeout_s": 60})
+    prepared = prepare(cfg)
+    ctl = Controller(cfg, prepared.model_folder, prepared.examples, cfg.output.dir)
+    ctl.start()
+    group, kills = ctl.rollout, []
+    real_call = group.call
+
+    def call_then_kill(method, *args):
+        refs = real_call(method, *args)
+        if method == "update_weights" and ctl.step == 2 and not kills:
+            ray.kill(group[1], no_restart=False)
+            kills.append(ctl.step)
+        return refs
+
+    group.call = call_then_kill
+    try:
+        history = ctl.run()["history"]
+        held = [r["version"] for r in ray.get(ctl.rollout.call("ready"))]
+    finally:
+        ctl.shutdown()
+    assert kills == [2] and len(history) == 3
+    assert history[-1]["restarts/rollout"] == 1
+    assert held == [3, 3] and all(h["staleness"] == 0 for h in history)
+    assert [h["rollout/policy_version_min"] for h in history] == [0, 1, 2]
