@@ -124,15 +124,22 @@ def test_collective_run_matches_object_store_run(ray_local, tiny_model_dir, tiny
     assert len(snapshot) == teacher_handle.num_tensors and all(torch.isfinite(t).all() for t in snapshot.values())
 
 
-def test_killed_rollout_actor_rejoins_the_sync_group(ray_local, tiny_model_dir, tmp_path):
+def _started_controller(tiny_model_dir, tmp_path, steps: int, transport: str = "collective",
+                        timeout_s: float = 60) -> Controller:
+    """A started controller: tiny model, 8 facts, 2 rollout workers, 4 prompts per step."""
     data = write_facts(tmp_path / "facts.jsonl", n=8)
     cfg = tiny_config(tiny_model_dir, data, tmp_path / "run", rollout={"num_workers": 2},
-                      schedule={"prompts_per_step": 4, "max_steps": 4},
-                      weight_sync={"transport": "collective"},
-                      fault_tolerance={"max_actor_restarts": 2, "call_timeout_s": 120})
+                      schedule={"prompts_per_step": 4, "max_steps": steps},
+                      weight_sync={"transport": transport},
+                      fault_tolerance={"max_actor_restarts": 2, "call_timeout_s": timeout_s})
     prepared = prepare(cfg)
     ctl = Controller(cfg, prepared.model_folder, prepared.examples, cfg.output.dir)
     ctl.start()
+    return ctl
+
+
+def test_killed_rollout_actor_rejoins_the_sync_group(ray_local, tiny_model_dir, tmp_path):
+    ctl = _started_controller(tiny_model_dir, tmp_path, steps=4, timeout_s=120)
     real_launch, kills = ctl.launch, []
 
     def launch_then_kill(step):
@@ -163,14 +170,7 @@ def test_actor_restarted_while_idle_is_rejoined_before_the_broadcast(ray_local, 
     """A rollout actor that dies and comes back between steps (no call in flight) holds no group
     membership: the controller must notice before broadcasting, or learner rank 0 would wait for it
     until the time-out (60 s here, which would fail the run)."""
-    data = write_facts(tmp_path / "facts.jsonl", n=8)
-    cfg = tiny_config(tiny_model_dir, data, tmp_path / "run", rollout={"num_workers": 2},
-                      schedule={"prompts_per_step": 4, "max_steps": 3},
-                      weight_sync={"transport": "collective"},
-                      fault_tolerance={"max_actor_restarts": 2, "call_timeout_s": 60})
-    prepared = prepare(cfg)
-    ctl = Controller(cfg, prepared.model_folder, prepared.examples, cfg.output.dir)
-    ctl.start()
+    ctl = _started_controller(tiny_model_dir, tmp_path, steps=3)
     real_sync, kills = ctl.sync_rollout, []
     first = list(ctl._group_tokens["rollout"])
 
@@ -205,14 +205,7 @@ def test_actor_restarted_while_idle_is_rejoined_before_the_broadcast(ray_local, 
 def test_actor_lost_during_a_weight_update_gets_the_weights_again(ray_local, tiny_model_dir, tmp_path, transport):
     """A rollout actor killed right after the weight update was sent to it (it may die before,
     during or after loading it): the run goes on with every worker holding the new weights."""
-    data = write_facts(tmp_path / "facts.jsonl", n=8)
-    cfg = tiny_config(tiny_model_dir, data, tmp_path / "run", rollout={"num_workers": 2},
-                      schedule={"prompts_per_step": 4, "max_steps": 3},
-                      weight_sync={"transport": transport},
-                      fault_tolerance={"max_actor_restarts": 2, "call_timeout_s": 60})
-    prepared = prepare(cfg)
-    ctl = Controller(cfg, prepared.model_folder, prepared.examples, cfg.output.dir)
-    ctl.start()
+    ctl = _started_controller(tiny_model_dir, tmp_path, steps=3, transport=transport)
     group, kills = ctl.rollout, []
     real_call = group.call
 
