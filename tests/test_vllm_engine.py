@@ -205,7 +205,7 @@ def test_weight_update_through_collective_broadcast(ray_local, rollout_actor, vl
 
 
 def test_sleep_mode_is_refused_where_vllm_has_none(vllm_model_dir):
-    """rollout.vllm.sleep_level (colocated placements) needs vLLM's sleep mode; the CPU build has
+    """vllm.sleep_level (colocated placements) needs vLLM's sleep mode; the CPU build has
     none, and the engine says so before building anything."""
     from vllm.platforms import current_platform
 
@@ -213,9 +213,9 @@ def test_sleep_mode_is_refused_where_vllm_has_none(vllm_model_dir):
 
     if current_platform.is_sleep_mode_available():
         pytest.skip("this platform has sleep mode: the refusal does not apply")
-    with pytest.raises(ValueError, match="rollout.vllm.sleep_level: vLLM sleep mode is not available"):
+    with pytest.raises(ValueError, match=r"vllm.sleep_level \(rollout.vllm or teacher.vllm\): vLLM sleep mode is not"):
         VLLMEngine(str(vllm_model_dir), sleep_level=1, **ENGINE_OPTIONS)
-    with pytest.raises(ValueError, match="sleep_level must be 0 \\(off\\) or 1"):
+    with pytest.raises(ValueError, match=r"teacher.vllm\) must be 0 \(off\) or 1"):
         VLLMEngine(str(vllm_model_dir), sleep_level=2, **ENGINE_OPTIONS)
 
 

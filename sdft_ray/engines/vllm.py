@@ -153,11 +153,13 @@ class VLLMEngine:
         kwargs = dict(llm_kwargs)
         self.sleep_level = int(kwargs.pop("sleep_level", 0))
         if self.sleep_level not in (0, 1):
-            raise ValueError(f"rollout.vllm.sleep_level must be 0 (off) or 1, got {self.sleep_level}")
+            raise ValueError(f"vllm.sleep_level (rollout.vllm or teacher.vllm) must be 0 (off) or 1, "
+                             f"got {self.sleep_level}")
         if self.sleep_level:
             if not current_platform.is_sleep_mode_available():
-                raise ValueError(f"rollout.vllm.sleep_level: vLLM sleep mode is not available on this platform "
-                                 f"({current_platform.device_type or 'cpu'}); it needs CUDA, ROCm or XPU")
+                raise ValueError(f"vllm.sleep_level (rollout.vllm or teacher.vllm): vLLM sleep mode is not available "
+                                 f"on this platform ({current_platform.device_type or 'cpu'}); it needs CUDA, ROCm "
+                                 "or XPU")
             kwargs.setdefault("enable_sleep_mode", True)
         kwargs.setdefault("logprobs_mode", "raw_logprobs")
         if kwargs["logprobs_mode"] != "raw_logprobs":
