@@ -179,12 +179,12 @@ class CollectiveTransport(WeightTransport):
     """Bucketed broadcast over a sync group (:mod:`sdft_ray.collective`): gloo on CPU, NCCL on GPUs.
 
     Two phases, because a broadcast needs the sender and every receiver at once:
-    :meth:`publish` (learner rank 0, group rank 0) packs the weights into flat buckets on the
-    group's device and returns a handle with their layout only; then :meth:`send` and every
-    receiver's :meth:`receive` run together (the controller issues both and waits). The sender
-    holds every bucket of one publish until it is sent. The last published weights stay on the
-    sender's CPU (the same tensors on a gloo group; a host copy, taken after sending, on an NCCL
-    group: the memory the object store would use) so that a restarted receiver, or a checkpoint
+    :meth:`publish` (learner rank 0, group rank 0) packs the weights into flat buckets in host
+    memory and returns a handle with their layout only; then :meth:`send` and every receiver's
+    :meth:`receive` run together (the controller issues both and waits). :meth:`send` moves one
+    bucket at a time to the group's device (a GPU for NCCL), so the sender's accelerator never
+    holds more than one bucket beyond its model. The packed buckets stay in host memory after
+    sending (what the object store would hold) so that a restarted receiver, or a checkpoint
     snapshot, gets exactly what the group holds (:meth:`retained`).
     """
 
@@ -201,10 +201,10 @@ class CollectiveTransport(WeightTransport):
 
         if self.group is None:
             raise ValueError("CollectiveTransport.publish needs the sync group's name")
-        device = get_group(self.group).device
+        get_group(self.group)  # a clear error now if this process is not the group's sender
         metas, flats = [], []
         for bucket in bucketize(named_tensors, self.bucket_bytes):
-            meta, flat = pack_tensors(bucket, device)
+            meta, flat = pack_tensors(bucket, "cpu")
             metas.append(meta)
             flats.append(flat)
         self._pending = flats
@@ -214,15 +214,14 @@ class CollectiveTransport(WeightTransport):
 
     def send(self) -> int:
         """Broadcast the buckets of the last :meth:`publish` (sender side); returns the bytes sent."""
-        from sdft_ray.collective import broadcast
+        from sdft_ray.collective import broadcast, get_group
 
+        device = get_group(self.group).device
         sent = 0
         for flat in self._pending:
-            broadcast(self.group, flat)
+            broadcast(self.group, flat.to(device, non_blocking=False))  # a no-op on CPU groups
             sent += int(flat.numel())
         self._pending = []
-        if self._retained and self._retained[0][1].device.type != "cpu":
-            self._retained = [(meta, flat.to("cpu")) for meta, flat in self._retained]
         return sent
 
     def receive(self, handle):
