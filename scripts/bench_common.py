@@ -691,6 +691,14 @@ def header(args: argparse.Namespace, model_folder: Path, what: str) -> dict[str,
     return info
 
 
+def begin(args: argparse.Namespace, what: str) -> tuple[Path, dict[str, Any], Path]:
+    """Every script's start: environment, model folder, printed header, output root."""
+    setup(args)
+    model = resolve_model(args)
+    info = header(args, model, what)
+    return model, info, output_root(args)
+
+
 def shutdown_ray() -> None:
     try:
         import ray

@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                          "some of it generated before the window when pipelined: can exceed 100%%) instead of "
                          "summary['utilisation'] over the whole run")
     args = ap.parse_args(argv)
-    bc.setup(args)
-    model = bc.resolve_model(args)
-    info = bc.header(args, model, "pipelined vs synchronous SDFT: mean step time after the warm-up step")
-    root = bc.output_root(args)
+    model, info, root = bc.begin(args, "pipelined vs synchronous SDFT: mean step time after the warm-up step")
 
     stale = [int(k) for k in args.staleness.split(",") if k.strip()]
     T, P = args.threads, args.pipe_threads

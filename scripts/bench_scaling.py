@@ -58,12 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads-mode", choices=["split", "fixed"], default="split")
     ap.add_argument("--staleness", type=int, default=0, help="schedule.max_staleness for every configuration")
     args = ap.parse_args(argv)
-    bc.setup(args)
-    model = bc.resolve_model(args)
-    info = bc.header(args, model, "scaling rollout workers and learners on one machine")
+    model, info, root = bc.begin(args, "scaling rollout workers and learners on one machine")
     cores = os.cpu_count() or 1
     print(f"os.cpu_count() = {cores}; threads mode {args.threads_mode}", flush=True)
-    root = bc.output_root(args)
 
     configs, skipped = [], []
     for r, l in grid(ints(args.rollout_workers), ints(args.learners), args.full_grid):

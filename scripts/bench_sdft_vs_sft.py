@@ -35,10 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = bc.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     ap.add_argument("--no-pipelined", action="store_true", help="skip the max_staleness=1 SDFT configuration")
     args = ap.parse_args(argv)
-    bc.setup(args)
-    model = bc.resolve_model(args)
-    info = bc.header(args, model, "SDFT vs SFT: mean step time after the warm-up step")
-    root = bc.output_root(args)
+    model, info, root = bc.begin(args, "SDFT vs SFT: mean step time after the warm-up step")
 
     configs = [("sft", {"algorithm.variant": "sft", "teacher.kind": "frozen"}),
                ("sdft", {}),

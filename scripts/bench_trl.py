@@ -211,10 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--staleness", default="0,1", help="sdft-ray max_staleness values to measure")
     ap.add_argument("--skip-trl", action="store_true", help="measure sdft-ray only")
     args = ap.parse_args(argv)
-    bc.setup(args)
-    model = bc.resolve_model(args)
-    info = bc.header(args, model, "sdft-ray vs TRL SDFTTrainer: training tokens/s and peak memory")
-    root = bc.output_root(args)
+    model, info, root = bc.begin(args, "sdft-ray vs TRL SDFTTrainer: training tokens/s and peak memory")
     shared = {"data.shuffle": False, "teacher.ema_rate": EMA_RATE, "learner.lr": LR,
               "loss.skip_first_tokens": SKIP_FIRST, "loss.is_clip": None, "loss.aggregation": "sequence_mean",
               "learner.gradient_checkpointing": False}
