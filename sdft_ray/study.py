@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 
+from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.config import RunConfig, _set_dotted, config_from_dict, parse_override, read_yaml
 from sdft_ray.errors import ConfigError
 
@@ -273,19 +273,8 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; tables are meant to be shared
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    _write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
     return path
 
 
@@ -296,7 +285,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[s
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) and k not in ("lr",) else v) for k, v in row.items()})
-    _write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
     return path
 
 
@@ -409,7 +398,7 @@ def _evaluate(spec: StudySpec, model: str, tasks: Sequence[Any], cache: Path) ->
     seconds = time.perf_counter() - t0
     rows = [_slim(r) for r in rows]
     write_jsonl(cache.with_name(cache.stem + "_samples.jsonl"), samples)
-    _write_text(cache, json.dumps({"model": str(model), "rows": rows, "seconds": seconds}, indent=1))
+    atomic_write_text(cache, json.dumps({"model": str(model), "rows": rows, "seconds": seconds}, indent=1))
     return rows, seconds, False
 
 
@@ -529,7 +518,7 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike[str], work_dir: str | 
             write_csv(out / "teacher.csv", teacher, TEACHER_COLUMNS)
             runtimes["total_s"] = round(time.perf_counter() - t_start, 1)
             runtimes["loadavg_now"] = [round(x, 2) for x in os.getloadavg()]
-            _write_text(out / "runtimes.json", json.dumps(runtimes, indent=1, default=str))
+            atomic_write_text(out / "runtimes.json", json.dumps(runtimes, indent=1, default=str))
 
     def evaluation(key: tuple, what: str, model: str, tasks: Sequence[Any], cache: Path) -> None:
         def run() -> tuple[list[dict], float, bool]:
@@ -585,7 +574,7 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike[str], work_dir: str | 
                                   "train_s": round(train_s, 1),
                                   "loop_s": round(float(summary.get("seconds", 0.0)), 1),
                                   "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
-                        _write_text(run_dir / "timing.json", json.dumps(timing))
+                        atomic_write_text(run_dir / "timing.json", json.dumps(timing))
                         echo(f"[study] {method} lr={lr:g} stage {k} ({stage.name}): trained in {train_s:.0f} s")
                     else:
                         echo(f"[study] {method} lr={lr:g} stage {k} ({stage.name}): reusing {ckpt}")
@@ -789,5 +778,5 @@ def write_summary(results: Sequence[Mapping[str, Any]], teacher_rows: Sequence[M
     if evals:
         lines += ["", f"Evaluation wall s: {', '.join(str(e['seconds']) for e in evals)} "
                       f"(total {sum(e['seconds'] for e in evals):.0f} s)."]
-    _write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

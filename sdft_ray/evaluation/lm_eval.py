@@ -52,6 +52,7 @@ from typing import Any
 
 import yaml
 
+from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.config import read_yaml
 from sdft_ray.data import read_records
 from sdft_ray.errors import ConfigError, DataError
@@ -270,12 +271,8 @@ def convert_lm_eval_task(task_yaml: str | os.PathLike[str], data: str | os.PathL
         text, answer = render(where, record, False)
         rows.append({"prompt": prefix + text, "answer": answer})
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    file = out / f"{task_name.replace('/', '_')}.jsonl"
-    tmp = file.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, file)
+    file = Path(out_dir) / f"{task_name.replace('/', '_')}.jsonl"
+    atomic_write_text(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
     common = dict(path=str(file), max_new_tokens=int(gen.get("max_gen_toks", 256)),
                   stop=tuple(str(s) for s in until), reference_column="answer")

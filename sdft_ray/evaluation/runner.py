@@ -14,7 +14,6 @@ import io
 import json
 import re
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.data import Example, load_examples
 from sdft_ray.engines import RolloutEngine, SamplingSpec, make_engine
 from sdft_ray.errors import DataError
@@ -256,13 +256,6 @@ def _ordered_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return head + sorted(keys - set(head))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_results(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str], checkpoint_name: str,
                   samples: Sequence[dict[str, Any]] | None = None) -> dict[str, Path]:
     """Add ``rows`` (tagged ``checkpoint=checkpoint_name``) to ``out_dir/results.jsonl`` and
@@ -277,16 +270,16 @@ def write_results(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str
         lines = jsonl.read_text(encoding="utf-8").splitlines()
         kept = [r for r in map(json.loads, filter(str.strip, lines)) if r.get("checkpoint") != checkpoint_name]
     merged = kept + [{"checkpoint": checkpoint_name, **row} for row in rows]
-    _atomic_write(jsonl, "".join(json.dumps(r, sort_keys=False) + "\n" for r in merged))
+    atomic_write_text(jsonl, "".join(json.dumps(r, sort_keys=False) + "\n" for r in merged))
     columns = _ordered_columns(merged)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(merged)
-    _atomic_write(table, buffer.getvalue())
+    atomic_write_text(table, buffer.getvalue())
     paths = {"jsonl": jsonl, "csv": table}
     if samples is not None:
         (out / "samples").mkdir(exist_ok=True)
         paths["samples"] = out / "samples" / (re.sub(r"[^\w.-]+", "_", checkpoint_name) + ".jsonl")
-        _atomic_write(paths["samples"], "".join(json.dumps(s, default=str) + "\n" for s in samples))
+        atomic_write_text(paths["samples"], "".join(json.dumps(s, default=str) + "\n" for s in samples))
     return paths

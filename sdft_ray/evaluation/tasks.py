@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.config import read_yaml
 from sdft_ray.errors import ConfigError
 from sdft_ray.evaluation.metrics import METRICS, Scorer, get_metric
@@ -222,8 +223,5 @@ def write_task_yaml(tasks: Sequence[EvalTask], path: str | os.PathLike[str]) -> 
                 entry[f.name] = list(value) if isinstance(value, tuple) else value
         entries.append(entry)
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(yaml.safe_dump({"tasks": entries}, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, yaml.safe_dump({"tasks": entries}, sort_keys=False, allow_unicode=True))
     return out
