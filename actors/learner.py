@@ -91,7 +91,6 @@ class LearnerWorker(SyncGroupMember):
         self.step = 0
         self.transport = ObjectStoreTransport(self.cfg.weight_sync.bucket_mb)
         self.collective: dict[str, CollectiveTransport] = {}  # sync group name -> transport (rank 0)
-        self._published: dict[str, tuple[int, str]] = {}  # sync group -> (version, kind) last packed
         self.supervised = not get_variant(self.cfg).uses_rollout  # SFT: no teacher, NLL of the responses
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -111,8 +110,8 @@ class LearnerWorker(SyncGroupMember):
 
     def republish(self, group: str) -> WeightHandle:
         """The weights last broadcast to ``group``, as an object-store handle (for one restarted member)."""
-        handle_of = self.collective[group]
-        return self.transport.publish(handle_of.retained(), *self._published[group])
+        sent = self.collective[group]
+        return self.transport.publish(sent.retained(), *sent.published)
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         import deepspeed
@@ -204,7 +203,6 @@ class LearnerWorker(SyncGroupMember):
             named = ((n, t.to(dtype)) for n, t in params)
         if group is None:
             return self.transport.publish(named, version, kind)
-        self._published[group] = (version, kind)
         return self.collective[group].publish(named, version, kind)
 
     # ---- training --------------------------------------------------------------------------

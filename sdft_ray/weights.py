@@ -195,6 +195,7 @@ class CollectiveTransport(WeightTransport):
         self.bucket_bytes = int(bucket_mb * 2**20)
         self._pending: list[torch.Tensor] = []
         self._retained: list[tuple[dict[str, Any], torch.Tensor]] | None = None
+        self.published: tuple[int, str] | None = None  # (version, kind) of the retained weights
 
     def publish(self, named_tensors, version, kind):
         from sdft_ray.collective import get_group
@@ -209,6 +210,7 @@ class CollectiveTransport(WeightTransport):
             flats.append(flat)
         self._pending = flats
         self._retained = list(zip(metas, flats))
+        self.published = (version, kind)
         return WeightHandle(version=version, kind=kind, transport=self.name, payload=(self.group, tuple(metas)),
                             num_bytes=sum(m["num_bytes"] for m in metas), num_tensors=sum(len(m["names"]) for m in metas))
 
