@@ -12,8 +12,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
+import logging
 import os
+import re
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,8 @@ __all__ = [
     "resolve_checkpoint",
     "write_results",
 ]
+
+log = logging.getLogger(__name__)
 
 ALL_KINDS = "all"  # the ``kind`` of the row that summarises a whole task
 RESULT_COLUMNS = ("checkpoint", "task", "kind", "metric", "n", "num_samples", "score")
@@ -182,8 +186,13 @@ def evaluate_checkpoint(
 
         tokenizer = load_tokenizer(resolve_checkpoint(model_folder), trust_remote_code)
     rows: list[dict[str, Any]] = []
-    for task in tasks:
+    for i, task in enumerate(tasks, start=1):
+        start = time.perf_counter()
+        log.info("evaluating task %d/%d: %s", i, len(tasks), task.name)
         result = evaluate_task(engine, tokenizer, task, greedy=greedy, seed=seed, limit=limit)
+        if result.rows:
+            log.info("task %s: %s %.3f on %d rows in %.1f s", task.name, task.metric, result.rows[0]["score"],
+                     result.rows[0]["n"], time.perf_counter() - start)
         rows.extend(result.rows)
         if samples is not None:
             samples.extend(result.samples)
