@@ -1,22 +1,16 @@
-"""One small actor-group class for every role, placed on bundles of a placement group.
-
-``ActorGroup`` starts N copies of a Ray actor class, each pinned to its own bundle, and
-calls methods on all of them (returning ObjectRefs, never waiting). Rollout and teacher
-groups use Ray's ``max_restarts`` so that a dead actor comes back with the same bundle;
-the controller then pushes the current weights again and re-issues the lost work.
-"""
+"""What every role's actor shares: its process environment, thread caps, weight versions and
+membership in a weight sync group. Groups of actors are made and driven by
+:mod:`sdft_ray.roles` (rollout and teacher) and the learner group there."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import socket
+import uuid
 from typing import Any
 
-import ray
-from ray.util.placement_group import PlacementGroup
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
 from sdft_ray.config import ResourcesConfig
+from sdft_ray.errors import StaleActor
 
 
 def worker_runtime_env(resources: ResourcesConfig, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -42,6 +36,40 @@ def set_torch_threads(resources: dict | ResourcesConfig | None) -> None:
     torch.set_num_threads(resources.torch_threads or max(1, int(resources.num_cpus)))
 
 
+class WeightHolder:
+    """An actor that holds versioned weights (rollout workers, teacher scorers).
+
+    ``ready()`` names this incarnation of the actor (a fresh id each time Ray starts it, so a
+    restart is seen even when the actor was idle) and the weight version it holds. Every work call
+    passes the incarnation and version it was sent for to :meth:`check_expected`, which refuses
+    with :class:`~sdft_ray.errors.StaleActor` instead of working with other weights.
+    """
+
+    version: int = 0
+
+    def start_incarnation(self) -> None:
+        self.version = 0  # the model folder's weights
+        self.incarnation = uuid.uuid4().hex
+        self.weight_updates = 0
+
+    def ready(self) -> dict[str, Any]:
+        return {"incarnation": self.incarnation, "version": self.version, "weight_updates": self.weight_updates,
+                "pid": os.getpid(), "host": socket.gethostname()}
+
+    def check_expected(self, expect: tuple[str | None, int] | None) -> None:
+        """``expect`` = (incarnation, weight version) the call was sent for; None = no check."""
+        if expect is None:
+            return
+        incarnation, version = expect
+        if version != self.version or (incarnation is not None and incarnation != self.incarnation):
+            raise StaleActor(self.incarnation, self.version, incarnation, version)
+
+    def loaded(self, version: int) -> int:
+        self.version = version
+        self.weight_updates += 1
+        return version
+
+
 class SyncGroupMember:
     """Lets an actor join a weight sync group (:mod:`sdft_ray.collective`) on the controller's call."""
 
@@ -55,54 +83,3 @@ class SyncGroupMember:
         from sdft_ray.collective import membership
 
         return membership(name)
-
-
-class ActorGroup:
-    def __init__(
-        self,
-        role: str,
-        actor_cls: type,
-        count: int,
-        placement_group: PlacementGroup,
-        first_bundle: int,
-        resources: ResourcesConfig,
-        make_args: Callable[[int], tuple[tuple, dict]],
-        max_restarts: int = 0,
-        custom_resources: dict[str, float] | None = None,
-        extra_env: dict[str, str] | None = None,
-    ):
-        self.role = role
-        self.count = count
-        self.resources = resources
-        self.handles = []
-        remote_cls = ray.remote(actor_cls) if not hasattr(actor_cls, "remote") else actor_cls
-        for rank in range(count):
-            args, kwargs = make_args(rank)
-            handle = remote_cls.options(
-                num_cpus=resources.num_cpus,
-                num_gpus=resources.num_gpus,
-                resources=custom_resources or None,
-                max_restarts=max_restarts,
-                max_task_retries=0,
-                name=None,
-                runtime_env=worker_runtime_env(resources, extra_env),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=placement_group,
-                    placement_group_bundle_index=first_bundle + rank,
-                ),
-            ).remote(*args, **kwargs)
-            self.handles.append(handle)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int):
-        return self.handles[index]
-
-    def call(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
-        """Call ``method`` on every actor with the same arguments."""
-        return [getattr(h, method).remote(*args, **kwargs) for h in self.handles]
-
-    def kill(self) -> None:
-        for h in self.handles:
-            ray.kill(h, no_restart=True)

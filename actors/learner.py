@@ -1,14 +1,16 @@
 """DeepSpeed learner: student forward, SDFT loss, update; keeps and publishes the EMA teacher.
 
-One actor per data-parallel rank. Rank 0 owns the fp32 EMA copy and publishes weights;
-under ZeRO-3 every rank takes part in gathering parameters (``full_parameters``), so the
-controller calls ``publish``/``save_checkpoint`` on all ranks and uses rank 0's answer.
+One actor per data-parallel rank, driven by :class:`sdft_ray.roles.LearnerGroup`: every method
+declares the ranks it runs on and whose answer counts (:func:`sdft_ray.roles.on_ranks`). Rank 0
+owns the fp32 EMA copy and publishes weights; under ZeRO-3 every rank takes part in gathering
+parameters (``full_parameters``) but only rank 0 copies them to host memory.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import pickle
 import socket
 import time
 from collections.abc import Iterator
@@ -20,10 +22,12 @@ import torch
 
 from actors.group import SyncGroupMember, set_torch_threads
 from sdft_ray.config import RunConfig
+from sdft_ray.distributed import all_reduce_sum
 from sdft_ray.ema import EmaWeights
 from sdft_ray.forward import micro_batches, pad_right, response_logits
 from sdft_ray.losses import LossSpec, TeacherSignal, distillation_loss, response_loss_mask, sft_loss
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
+from sdft_ray.roles import on_ranks
 from sdft_ray.trajectory import TeacherScores, Trajectories
 from sdft_ray.variants import get_variant
 from sdft_ray.weights import CollectiveTransport, FileTransport, ObjectStoreTransport, WeightHandle, get_transport
@@ -61,7 +65,7 @@ def teacher_signal_kind(cfg: RunConfig) -> str:
     if cfg.loss.estimator == "full":
         return "full"
     if cfg.loss.estimator == "sampled":
-        return "token"
+        return "sampled"
     return "topk_student" if cfg.loss.topk_source == "student" else "topk_teacher"
 
 
@@ -94,9 +98,11 @@ class LearnerWorker(SyncGroupMember):
         self.supervised = not get_variant(self.cfg).uses_rollout  # SFT: no teacher, NLL of the responses
 
     # ---- set-up ---------------------------------------------------------------------------
+    @on_ranks("rank0")
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
 
+    @on_ranks("rank0")
     def join_sync_group(self, name: str, master_addr: str, master_port: int, rank: int, world_size: int,
                         backend: str = "auto", timeout_s: float = 600.0) -> dict:
         """Rank 0 of a weight sync group: the sender of :class:`CollectiveTransport` buckets."""
@@ -104,15 +110,18 @@ class LearnerWorker(SyncGroupMember):
         self.collective[name] = CollectiveTransport(name, self.cfg.weight_sync.bucket_mb)
         return info
 
+    @on_ranks("rank0")
     def send_weights(self, group: str) -> int:
         """Broadcast what the last ``publish(..., group=group)`` packed; returns the bytes sent."""
         return self.collective[group].send()
 
+    @on_ranks("rank0")
     def republish(self, group: str) -> WeightHandle:
         """The weights last broadcast to ``group``, as an object-store handle (for one restarted member)."""
         sent = self.collective[group]
         return self.transport.publish(sent.retained(), *sent.published)
 
+    @on_ranks("all")
     def setup(self, master_addr: str, master_port: int) -> dict:
         import deepspeed
 
@@ -159,7 +168,8 @@ class LearnerWorker(SyncGroupMember):
 
     # ---- weights ---------------------------------------------------------------------------
     def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, full fp32 CPU tensor); under ZeRO-3 gathers one parameter at a time (collective)."""
+        """Rank 0: yield (name, full fp32 CPU tensor), one tensor at a time. Under ZeRO-3 every rank
+        must iterate (the gathers are collectives), but only rank 0 copies to host memory."""
         named = list(self.engine.module.named_parameters())
         if self.cfg.learner.zero_stage != 3:
             for name, param in named:
@@ -174,7 +184,8 @@ class LearnerWorker(SyncGroupMember):
             size = sum(getattr(p, "ds_numel", p.numel()) for _, p in bucket)
             if size >= GATHER_NUMEL or i == len(named) - 1:
                 with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
-                    copies = [(n, p.detach().to("cpu", torch.float32).clone()) for n, p in bucket]
+                    copies = [(n, p.detach().to("cpu", torch.float32).clone()) for n, p in bucket] \
+                        if self.rank == 0 else []
                 yield from copies
                 bucket = []
 
@@ -187,6 +198,7 @@ class LearnerWorker(SyncGroupMember):
                 pass
         return None
 
+    @on_ranks("all_rank0_answers")
     def publish(self, kind: str, version: int, group: str | None = None) -> WeightHandle | None:
         """Publish student or teacher weights in the model dtype (rank 0 answers; others return None):
         into the object store, or, with ``group``, packed for a broadcast over that sync group
@@ -239,13 +251,21 @@ class LearnerWorker(SyncGroupMember):
         skip = 0 if self.supervised else spec.skip_first_tokens
         mask = response_loss_mask(torch.arange(width)[None] < lengths[:, None], skip)
         local = float(mask.any(-1).sum() if spec.aggregation == "sequence_mean" else mask.sum())
-        total = torch.tensor([local], dtype=torch.float64)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(total.to(self.device) if self.device.type != "cpu" else total)
-        return float(total.item()), local
+        return all_reduce_sum([local], self.device)[0], local
 
+    @staticmethod
+    def _add(sums: dict[str, float], loss: torch.Tensor, metrics: dict[str, float], count: float) -> None:
+        """Accumulate a micro-batch: its loss weighted by the units it averaged over, and the sums."""
+        sums["loss_sum"] = sums.get("loss_sum", 0.0) + metrics["loss"] * count
+        sums["loss_units"] = sums.get("loss_units", 0.0) + count
+        for key, value in metrics.items():
+            if key != "loss":
+                sums[key] = sums.get(key, 0.0) + value
+
+    @on_ranks("all")
     def train_step(self, step: int, traj_refs: list, score_refs: list) -> dict:
-        """One optimizer step on this rank's shard; returns metrics (rank-local sums and means)."""
+        """One optimizer step on this rank's shard. Returns this rank's sums and counts (see
+        :mod:`sdft_ray.step_metrics`): the controller adds them over ranks and divides once."""
         start = time.perf_counter()
         trajs, scores = self._load_parts(traj_refs, score_refs)
         spec = loss_spec(self.cfg)
@@ -267,15 +287,13 @@ class LearnerWorker(SyncGroupMember):
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
                 grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             self.engine.step()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value * (1 if key == "masked_tokens" else len(mb))
+            self._add(sums, loss, metrics, count)
         self.step = step
-        out = {f"{k}_sum": v for k, v in sums.items()}
-        out.update(
-            sequences=len(rows), response_tokens=sum(len(t.response_ids[r]) for t in trajs for r in range(len(t))),
-            grad_norm=grad_norm if grad_norm is not None else float(self.engine.get_global_grad_norm() or 0.0), lr=float(self.engine.get_lr()[0]),
-            policy_version_min=min(t.policy_version for t in trajs),
-            teacher_version=min(s.teacher_version for s in scores) if scores else -1,
+        out = dict(
+            sums, sequences=len(rows), response_tokens=sum(len(t.response_ids[r]) for t in trajs for r in range(len(t))),
+            grad_norm=grad_norm if grad_norm is not None else float(self.engine.get_global_grad_norm() or 0.0),
+            lr=float(self.engine.get_lr()[0]), policy_version_min=min(t.policy_version for t in trajs),
+            teacher_version_min=min(s.teacher_version for s in scores) if scores else -1,
             seconds=time.perf_counter() - start,
         )
         if self.cfg.teacher.kind == "ema" and EmaWeights.should_update(step, self.cfg.teacher.ema_every):
@@ -286,24 +304,54 @@ class LearnerWorker(SyncGroupMember):
             out["ema_seconds"] = time.perf_counter() - t0
         return out
 
+    @on_ranks("all")
     @torch.no_grad()
     def evaluate(self, traj_refs: list, score_refs: list) -> dict:
-        """The loss on given trajectories without updating (e.g. a fixed probe batch)."""
+        """This rank's loss sums on given trajectories, without updating (e.g. a fixed probe batch)."""
         trajs, scores = self._load_parts(traj_refs, score_refs)
         spec = loss_spec(self.cfg)
         rows = [(p, r) for p, t in enumerate(trajs) for r in range(len(t))]
         self.engine.eval()
         sums: dict[str, float] = {}
-        weight = 0.0
         for mb in micro_batches(len(rows), self.micro_batch_size, self._lengths(trajs, rows)):
-            _, metrics, count = self._micro_batch_loss(trajs, scores, [rows[i] for i in mb], spec)
-            for key in ("loss", "divergence"):
-                if key in metrics:
-                    sums[key] = sums.get(key, 0.0) + metrics[key] * count
-            weight += count
-        return {**{k: v / max(weight, 1.0) for k, v in sums.items()}, "count": weight}
+            loss, metrics, count = self._micro_batch_loss(trajs, scores, [rows[i] for i in mb], spec)
+            self._add(sums, loss, metrics, count)
+        return sums
+
+    # ---- in-flight batches (exact resume of the pipelined schedule) ----------------------------
+    @on_ranks("rank0")
+    def save_batches(self, folder: str, batches: list[dict]) -> list[str]:
+        """Write the trajectories and teacher scores of batches still in flight (``{"step", "trajs":
+        [[ref per part] per rollout worker], "scores": [[ref per part] per worker]}``), so that a
+        resume trains on exactly what the uninterrupted run would have."""
+        timeout = self.cfg.fault_tolerance.call_timeout_s
+        out = Path(folder) / "inflight"
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for batch in batches:
+            payload = {"step": batch["step"],
+                       "trajs": [ray.get(list(parts), timeout=timeout) for parts in batch["trajs"]],
+                       "scores": [ray.get(list(parts), timeout=timeout) for parts in batch["scores"]]}
+            path = out / f"step-{batch['step']:08d}.pkl"
+            with open(path, "wb") as fh:
+                pickle.dump(payload, fh, protocol=5)
+            written.append(path.name)
+        return written
+
+    @on_ranks("rank0")
+    def load_batches(self, folder: str) -> list[dict]:
+        """The batches :meth:`save_batches` wrote, back in the object store (refs, step order)."""
+        batches = []
+        for path in sorted((Path(folder) / "inflight").glob("step-*.pkl")):
+            with open(path, "rb") as fh:
+                payload = pickle.load(fh)  # noqa: S301 - written by this run; resume verifies digests
+            batches.append({"step": payload["step"],
+                            "trajs": [[ray.put(t) for t in parts] for parts in payload["trajs"]],
+                            "scores": [[ray.put(s) for s in parts] for parts in payload["scores"]]})
+        return batches
 
     # ---- checkpoints -----------------------------------------------------------------------
+    @on_ranks("all_rank0_answers")
     def save_checkpoint(self, folder: str, client_state: dict, snapshots: dict[str, WeightHandle] | None = None) -> dict:
         """Collective: DeepSpeed state in ``folder/deepspeed``; rank 0 also writes the HF student and EMA.
 
@@ -334,6 +382,7 @@ class LearnerWorker(SyncGroupMember):
             FileTransport().publish(named, handle.version, handle.kind, path=str(folder_path / f"weights_{name}.safetensors"))
         return {"rank": 0}
 
+    @on_ranks("all_rank0_answers")
     def load_checkpoint(self, folder: str) -> dict:
         from safetensors.torch import load_file
 
@@ -347,5 +396,6 @@ class LearnerWorker(SyncGroupMember):
         self.step = int((client or {}).get("step", 0))
         return {"rank": self.rank, "step": self.step}
 
+    @on_ranks("all")
     def ping(self) -> int:
         return self.rank

@@ -2,40 +2,37 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 import numpy as np
 
-from actors.group import SyncGroupMember, set_torch_threads
+from actors.group import SyncGroupMember, WeightHolder, set_torch_threads
 from sdft_ray.engines import SamplingSpec, make_engine
 from sdft_ray.trajectory import PromptShard, RolloutReceipt, Trajectories
 from sdft_ray.weights import WeightHandle, get_transport
 
 
-class RolloutWorker(SyncGroupMember):
+class RolloutWorker(WeightHolder, SyncGroupMember):
     def __init__(self, worker_index: int, model_folder: str, engine: str, dtype: str,
                  trust_remote_code: bool = False, batch_size: int = 16, engine_options: dict | None = None,
                  resources: dict | None = None):
         set_torch_threads(resources)
         self.worker_index = worker_index
         self.engine = make_engine(engine, model_folder, dtype, trust_remote_code, batch_size, engine_options)
-        self.version = 0
-
-    def ready(self) -> dict:
-        return {"version": self.version, "pid": os.getpid(), "host": socket.gethostname()}
+        self.start_incarnation()
 
     def update_weights(self, handle: WeightHandle) -> int:
         self.engine.load_weights(get_transport(handle.transport).receive(handle))
-        self.version = handle.version
-        return self.version
+        return self.loaded(handle.version)
 
-    def generate(self, shard: PromptShard, num_parts: int, sampling: dict, samples: int = 1):
+    def generate(self, shard: PromptShard, num_parts: int, sampling: dict, samples: int = 1,
+                 expect: tuple[str | None, int] | None = None):
         """Sample ``samples`` responses per prompt; split the rows into ``num_parts`` learner shards.
+        Refuses (StaleActor) unless this is the incarnation holding the weight version in ``expect``.
 
         Returns ``(receipt, *trajectory_parts)``: call with ``num_returns=1 + num_parts``.
         """
+        self.check_expected(expect)
         start = time.perf_counter()
         spec = SamplingSpec(**{**sampling, "seed": shard.seed})
         rows = [r for r in range(len(shard)) for _ in range(samples)]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import numpy as np
 import torch
 
-from actors.group import SyncGroupMember, set_torch_threads
+from actors.group import SyncGroupMember, WeightHolder, set_torch_threads
 from sdft_ray.forward import micro_batches, response_logits
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.trajectory import ScoreReceipt, TeacherScores, Trajectories
@@ -21,10 +20,10 @@ def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_
     """Run the teacher on ``teacher_prompt + response`` and keep what the loss needs.
 
     ``signal``: "full" (log-probs over the vocabulary), "topk_teacher" (the teacher's own
-    top-k), "topk_student" (log-probs at the rollout's top-k ids) or "token" (sampled token).
+    top-k), "topk_student" (log-probs at the rollout's top-k ids) or "sampled" (the sampled token only).
     Sampled-token log-probs are always returned (for the implicit reward metric).
     """
-    kind = {"full": "full", "topk_teacher": "topk", "topk_student": "topk", "token": "token"}[signal]
+    kind = {"full": "full", "topk_teacher": "topk", "topk_student": "topk", "sampled": "sampled"}[signal]
     n = len(traj)
     out = TeacherScores(teacher_version=version, kind=kind, token_logprobs=[None] * n,
                         transfer_dtype=str(transfer_dtype).removeprefix("torch."))
@@ -64,7 +63,7 @@ def _to_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.to(dtype).cpu().view(torch.int16).numpy()
 
 
-class TeacherScorer(SyncGroupMember):
+class TeacherScorer(WeightHolder, SyncGroupMember):
     def __init__(self, worker_index: int, model_folder: str, dtype: str, signal: str, top_k: int,
                  micro_batch_size: int, transfer_dtype: str = "float32", trust_remote_code: bool = False,
                  resources: dict | None = None, run_config: dict | None = None, engine: str = "hf",
@@ -89,10 +88,7 @@ class TeacherScorer(SyncGroupMember):
             self.variant = get_variant(RunConfig.model_validate(run_config))
         self.signal, self.top_k, self.micro_batch_size = signal, top_k, micro_batch_size
         self.transfer_dtype = torch_dtype(transfer_dtype)
-        self.version = 0
-
-    def ready(self) -> dict:
-        return {"version": self.version, "pid": os.getpid()}
+        self.start_incarnation()
 
     def update_weights(self, handle: WeightHandle) -> int:
         named = get_transport(handle.transport).receive(handle)
@@ -100,11 +96,12 @@ class TeacherScorer(SyncGroupMember):
             self.vllm.load_weights(named)
         else:
             load_named_tensors(self.model, named)
-        self.version = handle.version
-        return self.version
+        return self.loaded(handle.version)
 
-    def score(self, traj: Trajectories):
-        """Returns ``(receipt, TeacherScores)``: call with ``num_returns=2``."""
+    def score(self, traj: Trajectories, expect: tuple[str | None, int] | None = None):
+        """Returns ``(receipt, TeacherScores)``: call with ``num_returns=2``. Refuses
+        (StaleActor) unless this is the incarnation holding the teacher weight version in ``expect``."""
+        self.check_expected(expect)
         start = time.perf_counter()
         prompts = self.variant.teacher_prompts(traj, self.tokenizer) if self.variant is not None else None
         if prompts is not None:  # the variant builds the teacher's context from the student's attempt

@@ -477,7 +477,7 @@ def run_sdft_ray(name: str, cfg, *, sample_interval: float = 0.25, pss_interval:
         result.phase_means = {k: statistics.fmean(h.get(k, 0.0) for h in timed) for k in PHASES if timed}
         result.utilisation = summary["utilisation"]
         if len(end_times) >= 2:  # the same definitions over the timed steps only (warm-up step excluded)
-            from sdft_ray.controller import utilisation_summary
+            from sdft_ray.step_metrics import utilisation_summary
 
             result.extra["timed_utilisation"] = utilisation_summary(timed, end_times[-1] - end_times[0])
         result.extra["staleness"] = [h.get("staleness") for h in history]

@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="latest|PATH", help="resume from the latest or a given checkpoint")
     train.add_argument("--trust-checkpoint", action="store_true",
                        help="allow --resume from a checkpoint outside this run's output.dir (it contains pickles)")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="with --resume: continue although the config differs from the checkpoint's")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     export = sub.add_parser("export", help="export a checkpoint to a Hugging Face model folder")
     export.add_argument("checkpoint", help="a checkpoint folder (runs/x/checkpoints/step-...) or a run folder")
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from sdft_ray.runner import train
 
-            summary = train(cfg, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
+            summary = train(cfg, resume=args.resume, trust_checkpoint=args.trust_checkpoint,
+                            allow_config_change=args.allow_config_change)
             last = summary["history"][-1] if summary["history"] else {}
             print(json.dumps({"steps": summary["steps"], "seconds": round(summary["seconds"], 1),
                               "final_loss": last.get("loss"), "checkpoint": summary["latest_checkpoint"]}))

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sdft_ray.errors import ConfigError
 
 
+#: vLLM engines here start with ``max_logprobs`` = 64 unless ``rollout.vllm`` / ``teacher.vllm`` set it
+VLLM_DEFAULT_MAX_LOGPROBS = 64
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -203,6 +207,13 @@ class RunConfig(_Section):
             )
         if self.prompts.max_teacher_prompt_tokens < self.prompts.max_prompt_tokens:
             raise ValueError("prompts.max_teacher_prompt_tokens must be >= prompts.max_prompt_tokens")
+        if self.algorithm.variant != "sft" and self.loss.skip_first_tokens >= self.rollout.max_new_tokens:
+            raise ValueError(f"loss.skip_first_tokens = {self.loss.skip_first_tokens} masks every response token "
+                             f"(rollout.max_new_tokens = {self.rollout.max_new_tokens}): the loss would always be 0")
+        if self.teacher.transfer_dtype != "float32" and self.loss.estimator != "full":
+            raise ValueError(f"teacher.transfer_dtype = {self.teacher.transfer_dtype} applies to the full-vocabulary "
+                             f"signal only; loss.estimator is {self.loss.estimator!r} (its log-probs travel in float32)")
+        self._check_vllm_limits()
         for role in ("rollout", "teacher"):
             section = getattr(self, role)
             tp = section.vllm.get("tensor_parallel_size", 1)
@@ -224,6 +235,27 @@ class RunConfig(_Section):
                 f"placement.{shared_gpu[0]}.num_gpus < 1 shares GPUs (colocated roles): use "
                 "weight_sync.transport 'object_store' for colocated placements")
         return self
+
+    def _check_vllm_limits(self) -> None:
+        """What a vLLM engine would refuse mid-run: top-k above its ``max_logprobs``, sequences
+        above its ``max_model_len``."""
+        topk = self.loss.estimator == "topk"
+        asks = {"rollout": (topk and self.loss.topk_source == "student", self.prompts.max_prompt_tokens),
+                "teacher": (topk and self.loss.topk_source == "teacher", self.prompts.max_teacher_prompt_tokens)}
+        for role, (needs_topk, prompt_tokens) in asks.items():
+            section = getattr(self, role)
+            if section.engine != "vllm":
+                continue
+            most = section.vllm.get("max_logprobs", VLLM_DEFAULT_MAX_LOGPROBS)
+            if needs_topk and self.loss.top_k > most:
+                raise ValueError(f"loss.top_k = {self.loss.top_k} exceeds {role}.vllm.max_logprobs = {most} "
+                                 f"(vLLM refuses more log-probs per position): raise {role}.vllm.max_logprobs")
+            length = section.vllm.get("max_model_len")
+            need = prompt_tokens + self.rollout.max_new_tokens
+            if length is not None and length < need:
+                key = "max_prompt_tokens" if role == "rollout" else "max_teacher_prompt_tokens"
+                raise ValueError(f"{role}.vllm.max_model_len = {length} is below prompts.{key} + "
+                                 f"rollout.max_new_tokens = {need}")
 
     # ---- derived values -------------------------------------------------------------
     @property

@@ -47,3 +47,31 @@ class ConfigError(ValueError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = field
         super().__init__(message)
+
+
+class StaleActor(RuntimeError):
+    """A work call reached an actor that is not in the state it was sent for: another incarnation
+    (Ray restarted it, possibly while it was idle) or other weights. Raised inside the actor; the
+    role group counts the restart, re-delivers the weights and re-issues the call."""
+
+    def __init__(self, incarnation: str, holds: int, expected_incarnation: str | None, expected: int) -> None:
+        self.incarnation, self.holds = incarnation, holds
+        self.expected_incarnation, self.expected = expected_incarnation, expected
+        super().__init__(f"this actor (incarnation {incarnation[:8]}, weight version {holds}) is not the one the call "
+                         f"expects (incarnation {(expected_incarnation or '?')[:8]}, weight version {expected})")
+
+    def __reduce__(self):  # rebuilt with its arguments on the caller's side of Ray
+        return type(self), (self.incarnation, self.holds, self.expected_incarnation, self.expected)
+
+
+class ActorApplicationError(RuntimeError):
+    """An actor raised an error of its own (it is alive): a bug or bad input, not a lost actor.
+    The run stops at once with the actor's traceback instead of restarting it."""
+
+
+class ActorRestartLimit(RuntimeError):
+    """A role lost more actors than ``fault_tolerance.max_actor_restarts`` allows."""
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank was lost or hung: the step is abandoned; the run may resume from a checkpoint."""

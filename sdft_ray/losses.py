@@ -241,9 +241,8 @@ def sft_loss(logits: Tensor, response_ids: Tensor, response_mask: Tensor,
     mask = response_mask.bool()
     loss = aggregate(nll, mask, aggregation)
     with torch.no_grad():
-        count = mask.sum()
-        mean_nll = float((nll.detach() * mask).sum() / count.clamp(min=1))
-    return loss, {"loss": float(loss.detach()), "nll": mean_nll, "masked_tokens": float(count)}
+        nll_sum = float(torch.where(mask, nll.detach(), 0.0).sum())
+    return loss, {"loss": float(loss.detach()), "nll_sum": nll_sum, "loss_tokens": float(mask.sum())}
 
 
 @dataclass(frozen=True)
@@ -317,9 +316,12 @@ def distillation_loss(spec: LossSpec, student_logits: Tensor, response_ids: Tens
         rollout_logprobs: ``[B, T]`` behaviour-policy log-probs of ``response_ids``; required
             when ``spec.is_clip`` is set.
     Returns:
-        ``(loss, metrics)``: scalar loss with grad to ``student_logits``; metrics are python floats
-        (``loss``, ``divergence``, ``implicit_reward`` when available, ``masked_tokens``,
-        ``is_weight_mean`` when the importance correction is on).
+        ``(loss, metrics)``: scalar loss with grad to ``student_logits``; metrics are python floats,
+        sums with their counts so that micro-batches and ranks combine exactly (divide once, at the
+        end): ``loss`` (this micro-batch's aggregated loss), ``divergence_sum`` over the
+        ``loss_tokens`` positions in the loss, ``reward_sum`` (implicit reward) over the
+        ``reward_tokens`` positions where the teacher's log-prob of the sampled token is known, and
+        with the importance correction ``is_weight_sum`` over ``is_weight_sequences``.
     """
     if teacher.kind != spec.estimator:
         raise ValueError(f"loss.estimator={spec.estimator!r} but the teacher signal holds "
@@ -376,15 +378,13 @@ def distillation_loss(spec: LossSpec, student_logits: Tensor, response_ids: Tens
     loss = aggregate(per_token, mask, spec.aggregation, weights)
 
     with torch.no_grad():
-        n = int(mask.sum())
+        reward = torch.where(tok_valid, teacher_tok - student_tok.detach(), 0.0)
         metrics = {"loss": float(loss.detach()),
-                   "divergence": float(torch.where(mask, divergence, 0.0).sum() / max(n, 1)),
-                   "masked_tokens": float(n)}
-        n_tok = int(tok_valid.sum())
-        if n_tok > 0:
-            reward = torch.where(tok_valid, teacher_tok - student_tok.detach(), 0.0)
-            metrics["implicit_reward"] = float(reward.sum() / n_tok)
+                   "divergence_sum": float(torch.where(mask, divergence, 0.0).sum()),
+                   "loss_tokens": float(mask.sum()),
+                   "reward_sum": float(reward.sum()), "reward_tokens": float(tok_valid.sum())}
         if weights is not None:
             used = weights[mask.any(-1)]  # sequences that contribute to the loss
-            metrics["is_weight_mean"] = float(used.mean()) if used.numel() else 1.0
+            metrics["is_weight_sum"] = float(used.sum())
+            metrics["is_weight_sequences"] = float(used.numel())
     return loss, metrics

@@ -198,6 +198,20 @@ class PromptBuilder:
                 hi = mid
         return best
 
+    def fitted_teacher_ids(self, example: Example) -> tuple[int, ...]:
+        """Teacher ids of one example within ``max_teacher_prompt_tokens``: too long is an error
+        under ``overflow='error'``, otherwise the demonstration is cut (for contexts made during the
+        run, e.g. SDPO's feedback, where an example can no longer be dropped)."""
+        ids = self.teacher_ids(example)
+        if len(ids) <= self.max_teacher_prompt_tokens:
+            return ids
+        if self.overflow == "error":
+            file, row = _where(example)
+            raise DataError(file, f"teacher prompt is {len(ids)} tokens, over max_teacher_prompt_tokens="
+                                  f"{self.max_teacher_prompt_tokens} (prompts.overflow='error'; use "
+                                  "'truncate_demonstration')", row=row, field="demonstration")
+        return self._truncate(example)
+
     def build(self, examples: Iterable[Example]) -> tuple[list[TokenizedExample], dict[str, int]]:
         """Tokenize ``examples``; returns the kept ones and ``{"kept", "dropped", "truncated"}`` counts."""
         out: list[TokenizedExample] = []

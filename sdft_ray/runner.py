@@ -39,11 +39,42 @@ class PreparedRun:
                           contexts=self.contexts, targets=self.targets)
 
 
-def prompt_builder(cfg: RunConfig, tokenizer) -> PromptBuilder:
+def prompt_builder(cfg: RunConfig, tokenizer, teacher_template: str | None = None) -> PromptBuilder:
+    """The run's prompt builder (``teacher_template`` replaces the configured one, e.g. for SDPO)."""
     p = cfg.prompts
-    return PromptBuilder(tokenizer, teacher_template=p.teacher_template, system_prompt=p.system_prompt,
+    return PromptBuilder(tokenizer, teacher_template=teacher_template or p.teacher_template, system_prompt=p.system_prompt,
                          use_chat_template=p.use_chat_template, max_prompt_tokens=p.max_prompt_tokens,
                          max_teacher_prompt_tokens=p.max_teacher_prompt_tokens, overflow=p.overflow)
+
+
+def _model_config(folder: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def check_same_vocabulary(student: Path, teacher: Path, trust_remote_code: bool) -> None:
+    """An external teacher must score the student's token ids: same tokenizer, same output size."""
+    sizes = {}
+    for name, folder in (("student", student), ("teacher", teacher)):
+        sizes[name] = (len(load_tokenizer(folder, trust_remote_code)),
+                       _model_config(folder, trust_remote_code).get_text_config().vocab_size)
+    if sizes["student"] != sizes["teacher"]:
+        (st, sv), (tt, tv) = sizes["student"], sizes["teacher"]
+        raise ValueError(f"teacher.model_path: the teacher has {tt} tokenizer tokens and {tv} output logits, the "
+                         f"student {st} and {sv}: distillation compares distributions over the same vocabulary")
+
+
+def check_sequence_length(cfg: RunConfig, model_folder: Path, examples: list[TokenizedExample]) -> None:
+    """The longest teacher prompt plus a full response must fit the model's context."""
+    limit = getattr(_model_config(model_folder, cfg.model.trust_remote_code).get_text_config(),
+                    "max_position_embeddings", None)
+    longest = max(max(len(e.prompt_ids), len(e.teacher_prompt_ids)) for e in examples)
+    if limit is not None and longest + cfg.rollout.max_new_tokens > limit:
+        raise ValueError(f"rollout.max_new_tokens = {cfg.rollout.max_new_tokens} plus the longest prompt "
+                         f"({longest} tokens, data.path {cfg.data.path}) exceeds the model's context of {limit} "
+                         f"tokens (model.path {cfg.model.path}): lower rollout.max_new_tokens or "
+                         "prompts.max_teacher_prompt_tokens")
 
 
 def prepare(cfg: RunConfig) -> PreparedRun:
@@ -54,10 +85,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     model_folder = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
     tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
     if variant.teacher_model(model_folder) != model_folder:
-        teacher_vocab = len(load_tokenizer(variant.teacher_model(model_folder), cfg.model.trust_remote_code))
-        if teacher_vocab != len(tokenizer):
-            raise ValueError(f"teacher.model_path: the teacher's tokenizer has {teacher_vocab} tokens, the student's "
-                             f"{len(tokenizer)}: distillation needs the same vocabulary")
+        check_same_vocabulary(model_folder, variant.teacher_model(model_folder), cfg.model.trust_remote_code)
     raw = load_examples(cfg.data.path, columns=cfg.data.columns, split=cfg.data.split, limit=cfg.data.limit,
                         require_demonstration=variant.requires_demonstration or not variant.uses_rollout)
     examples, stats = variant.tokenize(prompt_builder(cfg, tokenizer), raw)
@@ -66,6 +94,8 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     if len(examples) < cfg.schedule.prompts_per_step:
         log.warning("only %d examples for %d prompts per step: batches repeat examples across epochs",
                     len(examples), cfg.schedule.prompts_per_step)
+    if variant.uses_rollout:
+        check_sequence_length(cfg, model_folder, examples)
     by_row = {ex.index: ex for ex in raw}
     contexts = {e.index: variant.context(by_row[e.index]) for e in examples} if variant.needs_context else None
     targets = None
@@ -95,15 +125,18 @@ def init_ray(cfg: RunConfig) -> None:
 
 
 def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = None,
-          trust_checkpoint: bool = False) -> dict[str, Any]:
-    from sdft_ray.controller import LearnerFailure
+          trust_checkpoint: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
+    from sdft_ray.checkpointing import check_resume_config
+    from sdft_ray.errors import LearnerFailure
 
     prepared = prepare(cfg)
-    init_ray(cfg)
     run_dir = Path(cfg.output.dir)
+    checkpoint = resolve_resume(resume, run_dir / "checkpoints", trust_checkpoint) if resume else None
+    if checkpoint is not None:
+        check_resume_config(checkpoint, cfg, allow_config_change)
+    init_ray(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    checkpoint = resolve_resume(resume, run_dir / "checkpoints", trust_checkpoint) if resume else None
     attempts = cfg.fault_tolerance.max_run_restarts
     while True:
         controller = prepared.controller(run_dir)

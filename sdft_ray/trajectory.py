@@ -95,7 +95,7 @@ class Trajectories:
         return int(sum(len(r) for r in self.response_ids))
 
 
-SignalKind = Literal["full", "topk", "token"]
+SignalKind = Literal["full", "topk", "sampled"]
 
 
 @dataclass

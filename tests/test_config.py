@@ -111,3 +111,43 @@ def test_fuzzed_configs_fail_cleanly(sections):
         assert "invalid config (fuzz)" in str(exc)
     else:
         assert isinstance(cfg, RunConfig)
+
+
+# ---- validations of issue 12: what used to fail mid-run, or silently -------------------------------
+
+def test_skip_first_tokens_cannot_mask_every_response_token():
+    with pytest.raises(ConfigError, match=r"loss.skip_first_tokens = 8 masks every response token"):
+        load_config(None, ["loss.skip_first_tokens=8", "rollout.max_new_tokens=8"])
+    assert load_config(None, ["loss.skip_first_tokens=8", "rollout.max_new_tokens=8",
+                              "algorithm.variant=sft"]).loss.skip_first_tokens == 8  # SFT masks nothing
+
+
+def test_top_k_above_vllm_max_logprobs_is_refused_before_the_run():
+    with pytest.raises(ConfigError, match=r"loss.top_k = 100 exceeds rollout.vllm.max_logprobs = 64"):
+        load_config(None, ["rollout.engine=vllm", "loss.estimator=topk", "loss.top_k=100"])
+    with pytest.raises(ConfigError, match=r"loss.top_k = 30 exceeds teacher.vllm.max_logprobs = 20"):
+        load_config(None, ["teacher.engine=vllm", "teacher.vllm={max_logprobs: 20}", "loss.estimator=topk",
+                           "loss.topk_source=teacher", "loss.top_k=30"])
+    ok = load_config(None, ["rollout.engine=vllm", "rollout.vllm={max_logprobs: 128}", "loss.estimator=topk",
+                            "loss.top_k=100"])
+    assert ok.loss.top_k == 100
+
+
+def test_vllm_max_model_len_must_hold_prompt_and_response():
+    with pytest.raises(ConfigError, match=r"teacher.vllm.max_model_len = 1000 is below prompts.max_teacher_prompt_tokens"):
+        load_config(None, ["teacher.engine=vllm", "loss.estimator=topk", "loss.topk_source=teacher",
+                           "teacher.vllm={max_model_len: 1000}", "rollout.max_new_tokens=64"])  # 1024 + 64
+
+
+def test_transfer_dtype_only_applies_to_the_full_signal():
+    with pytest.raises(ConfigError, match=r"teacher.transfer_dtype = bfloat16 applies to the full-vocabulary"):
+        load_config(None, ["teacher.transfer_dtype=bfloat16", "loss.estimator=topk"])
+    assert load_config(None, ["teacher.transfer_dtype=bfloat16"]).teacher.transfer_dtype == "bfloat16"
+
+
+def test_gpu_configs_use_the_teacher_top_k_they_describe():
+    """Regression: configs/gpu_8x1.yaml said "teacher top-k" but used the default student top-k
+    and set a transfer dtype that had no effect."""
+    for name in ("gpu_8x1.yaml", "gpu_2node.yaml"):
+        cfg = load_config(Path(__file__).parent.parent / "configs" / name)
+        assert cfg.loss.estimator == "topk" and cfg.loss.topk_source == "teacher", name

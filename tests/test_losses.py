@@ -137,14 +137,13 @@ def ref_aggregate(bt: Batch, rt: RefTokens, per_tok: torch.Tensor, skip: int, ag
         for b in seqs:
             ts = [t for t in range(T) if valid[b][t]]
             loss = loss + weights[b] * sum(per_tok[b, t] for t in ts) / len(ts) / len(seqs)
-    metrics = {"loss": _f(loss), "masked_tokens": float(len(cells)),
-               "divergence": sum(div[c] for c in cells) / max(len(cells), 1)}
     rw = [reward[c] for c in cells if c in reward]
-    if rw:
-        metrics["implicit_reward"] = sum(rw) / len(rw)
+    metrics = {"loss": _f(loss), "loss_tokens": float(len(cells)), "divergence_sum": sum(div[c] for c in cells),
+               "reward_sum": sum(rw), "reward_tokens": float(len(rw))}
     if use_is:
         seqs = [b for b in range(B) if any(valid[b])]
-        metrics["is_weight_mean"] = sum(weights[b] for b in seqs) / len(seqs) if seqs else 1.0
+        metrics["is_weight_sum"] = sum(weights[b] for b in seqs)
+        metrics["is_weight_sequences"] = float(len(seqs))
     return loss, metrics
 
 
@@ -372,8 +371,8 @@ def test_aggregate_without_valid_tokens_is_zero_with_grad(mode: str) -> None:
                                       TeacherSignal(full_logprobs=bt.teacher_logp), bt.rollout)
     loss.backward()
     assert _f(loss) == 0.0 and logits.grad is not None and (logits.grad == 0).all()
-    assert metrics["masked_tokens"] == 0.0 and metrics["is_weight_mean"] == 1.0
-    assert "implicit_reward" not in metrics
+    assert metrics["loss_tokens"] == 0.0 and metrics["is_weight_sequences"] == 0.0
+    assert metrics["reward_tokens"] == 0.0 and metrics["reward_sum"] == 0.0
 
 
 def test_importance_weights() -> None:
@@ -401,12 +400,13 @@ def test_topk_implicit_reward_only_over_hits() -> None:
     t = bt.teacher_logp.gather(-1, bt.ids[..., None])[..., 0]
     hits = bt.mask.clone()
     hits[0] = False
-    assert metrics["implicit_reward"] == pytest.approx(float((t - s)[hits].mean()), abs=1e-10)
+    assert metrics["reward_sum"] / metrics["reward_tokens"] == pytest.approx(float((t - s)[hits].mean()), abs=1e-10)
+    assert metrics["reward_tokens"] == float(hits.sum())
     only_seq0 = torch.zeros_like(bt.mask)
     only_seq0[0] = bt.mask[0]
     _, metrics = distillation_loss(LossSpec(estimator="topk", skip_first_tokens=0), bt.logits,
                                    bt.ids, only_seq0, signal)
-    assert "implicit_reward" not in metrics and metrics["masked_tokens"] == float(only_seq0.sum())
+    assert metrics["reward_tokens"] == 0.0 and metrics["loss_tokens"] == float(only_seq0.sum())
 
 
 def test_validation_errors() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from sdft_ray.metrics import read_metrics
 from sdft_ray.runner import REPO_ROOT
 
 
-def write_run_config(path: Path, model_dir: Path, data: Path, out: Path, steps: int) -> Path:
+def write_run_config(path: Path, model_dir: Path, data: Path, out: Path, steps: int, max_staleness: int = 0) -> Path:
     tree = {
         "model": {"path": str(model_dir)},
         "data": {"path": str(data)},
@@ -29,7 +28,7 @@ def write_run_config(path: Path, model_dir: Path, data: Path, out: Path, steps: 
         # Teacher synced every 2 steps: a resume must restore the teacher weights as they were.
         "teacher": {"num_workers": 1, "micro_batch_size": 8, "kind": "ema", "ema_rate": 0.1, "sync_every": 2},
         "learner": {"num_workers": 1, "lr": 1e-2, "micro_batch_size": 4},
-        "schedule": {"prompts_per_step": 4, "max_steps": steps, "seed": 3},
+        "schedule": {"prompts_per_step": 4, "max_steps": steps, "seed": 3, "max_staleness": max_staleness},
         "placement": {r: {"num_cpus": 0.5, "torch_threads": 1} for r in ("rollout", "teacher", "learner")},
         "output": {"dir": str(out), "checkpoint_every": 1, "keep_last": 10, "tensorboard": False, "progress": False},
     }
@@ -54,16 +53,29 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(latest / "student" / "model.safetensors"))
 
 
+def assert_same_run(full_dir: Path, cut_dir: Path, steps: int) -> None:
+    full, cut = losses_by_step(full_dir), losses_by_step(cut_dir)
+    assert sorted(cut) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert cut[step] == pytest.approx(full[step], rel=1e-5, abs=1e-7), (step, cut, full)
+    a, b = final_weights(full_dir), final_weights(cut_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
-    steps = 5
+    """SIGKILL the training process tree after step 3 of 5 with two batches in flight
+    (``max_staleness: 2``): ``--resume latest`` trains on exactly the batches the uninterrupted run
+    generated ahead (kept in the checkpoint), so every loss and the final weights are the same."""
+    steps, kill_after, staleness = 5, 3, 2
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    full_cfg = write_run_config(tmp_path / "full.yaml", tiny_model_dir, tiny_data, full_dir, steps)
-    cut_cfg = write_run_config(tmp_path / "cut.yaml", tiny_model_dir, tiny_data, cut_dir, steps)
+    full_cfg = write_run_config(tmp_path / "full.yaml", tiny_model_dir, tiny_data, full_dir, steps, staleness)
+    cut_cfg = write_run_config(tmp_path / "cut.yaml", tiny_model_dir, tiny_data, cut_dir, steps, staleness)
     subprocess.run(cli("train", str(full_cfg)), check=True, env=env(), cwd=REPO_ROOT, timeout=600,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    kill_after = random.Random(os.getpid()).randint(1, steps - 2)
     proc = subprocess.Popen(cli("train", str(cut_cfg)), env=env(), cwd=REPO_ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
@@ -76,18 +88,60 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_model_dir, tiny_data, tm
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the actors it started
     proc.wait()
     killed_at = CheckpointManager(cut_dir / "checkpoints").latest()
-    assert killed_at is not None and read_state(killed_at)["step"] < steps
+    state = read_state(killed_at)
+    assert kill_after <= state["step"] < steps
+    assert [b["step"] for b in state["in_flight"]] == list(range(state["step"] + 1, min(state["step"] + staleness, steps) + 1))
 
     subprocess.run(cli("train", str(cut_cfg), "--resume", "latest"), check=True, env=env(), cwd=REPO_ROOT,
                    timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    full, cut = losses_by_step(full_dir), losses_by_step(cut_dir)
-    assert sorted(cut) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
-        assert cut[step] == pytest.approx(full[step], rel=1e-5, abs=1e-7), (step, kill_after, cut, full)
-    a, b = final_weights(full_dir), final_weights(cut_dir)
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert_same_run(full_dir, cut_dir, steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_stop_and_resume_in_process_is_exact(ray_local, tiny_model_dir, tiny_data, tmp_path, staleness):
+    """The same, without a new process: stop after step 2 (in-flight work dropped with the actors),
+    resume from the checkpoint in a new controller."""
+    from sdft_ray.config import load_config
+    from sdft_ray.runner import prepare
+
+    steps = 4
+
+    def run(out: Path, stop_after=None, resume=None):
+        cfg = load_config(write_run_config(tmp_path / f"{out.name}.yaml", tiny_model_dir, tiny_data, out, steps,
+                                           staleness))
+        ctl = prepare(cfg).controller()
+        ctl.start()
+        try:
+            ctl.run(resume=resume, stop_after=stop_after)
+        finally:
+            ctl.shutdown()
+
+    run(tmp_path / "full")
+    run(tmp_path / "cut", stop_after=2)
+    checkpoint = CheckpointManager(tmp_path / "cut" / "checkpoints").latest()
+    assert read_state(checkpoint)["step"] == 2 and len(read_state(checkpoint)["in_flight"]) == staleness
+    run(tmp_path / "cut", resume=checkpoint)
+    assert_same_run(tmp_path / "full", tmp_path / "cut", steps)
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    from sdft_ray.checkpointing import changed_config_keys, check_resume_config
+    from sdft_ray.config import config_from_dict
+    from sdft_ray.errors import ConfigError
+
+    base = {"learner": {"lr": 1e-3}, "output": {"dir": str(tmp_path / "run")}}
+    cfg = config_from_dict(base)
+    mgr = CheckpointManager(tmp_path / "run" / "checkpoints")
+    ckpt = mgr.commit(mgr.begin(1), 1, {"step": 1, "config": cfg.model_dump(mode="json")})
+    check_resume_config(ckpt, cfg)  # unchanged: fine
+    moved = config_from_dict({**base, "fault_tolerance": {"call_timeout_s": 5}, "output": {"dir": "elsewhere"}})
+    assert changed_config_keys(read_state(ckpt)["config"], moved) == []  # operational keys may change
+    changed = config_from_dict({**base, "learner": {"lr": 2e-3}, "loss": {"alpha": 1.0}})
+    with pytest.raises(ConfigError, match=r"learner.lr: 0.001 -> 0.002.*loss.alpha: 0.0 -> 1.0") as err:
+        check_resume_config(ckpt, changed)
+    assert err.value.field == "learner.lr" and "--allow-config-change" in str(err.value)
+    check_resume_config(ckpt, changed, allow_changes=True)
 
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path):

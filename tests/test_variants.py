@@ -10,6 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from conftest_tokenizer import make_test_tokenizer
+from sdft_ray.errors import DataError
 from sdft_ray.models import build_random_model
 from sdft_ray.runner import prepare
 from sdft_ray.trajectory import Trajectories
@@ -53,6 +54,45 @@ def test_sdpo_teacher_context_carries_feedback_and_solution(tiny_model_dir, tmp_
     # A passing attempt gets no feedback; the row's demonstration is shown as the solution.
     assert "unsuccessful" not in second and "City3 is the capital." in second
     assert first.startswith("<|im_start|>user") and first.endswith("<|im_start|>assistant\n")
+
+
+def _sdpo_traj(tok, prompt, response: str):
+    ids = np.asarray(tok(response, add_special_tokens=False)["input_ids"])
+    return Trajectories(step=1, policy_version=0, example_index=np.array([0]), epoch=np.zeros(1, int),
+                        sample_index=np.zeros(1, int), prompt_ids=[ids], teacher_prompt_ids=[ids],
+                        response_ids=[ids], rollout_logprobs=[np.zeros(len(ids))], finished=np.ones(1, bool),
+                        contexts=[{"prompt": prompt, "answer": "City3", "demonstration": None, "row": 7,
+                                   "where": "qa.jsonl:7"}])
+
+
+def test_sdpo_teacher_prompt_keeps_one_system_turn_and_the_length_limit(tiny_model_dir, tmp_path):
+    """Regression: SDPO built its teacher chat by hand - a second system turn when the chat had one,
+    and no prompts.max_teacher_prompt_tokens limit."""
+    tok = make_test_tokenizer()
+    chat = [("system", "You answer in one word."), ("user", "Capital of Land3?")]
+    sdpo = {"variant": "sdpo", "feedback_fn": "sdft_ray.variants.sdpo:answer_feedback"}
+    cfg = tiny_config(tiny_model_dir, tmp_path / "x.jsonl", tmp_path / "run", algorithm=sdpo,
+                      prompts={"system_prompt": "Be helpful."})
+    (prompt,) = get_variant(cfg).teacher_prompts(_sdpo_traj(tok, chat, "no idea"), tok)
+    text = tok.decode(prompt)
+    assert text.count("<|im_start|>system") == 1 and "You answer in one word." in text
+    assert "Be helpful." not in text  # the chat's own system turn wins, as for the student
+    assert text.index("Capital of Land3?") < text.index("unsuccessful earlier attempt")
+
+    long_answer = " ".join(["wrong"] * 400)
+    limits = {"max_prompt_tokens": 64, "max_teacher_prompt_tokens": 96}
+    cut = tiny_config(tiny_model_dir, tmp_path / "x.jsonl", tmp_path / "run", algorithm=sdpo,
+                      prompts={**limits, "overflow": "truncate_demonstration"})
+    feedback = lambda ctx, text: "Your answer was: " + text  # noqa: E731 - feedback that quotes the attempt
+    variant = get_variant(cut)
+    variant._feedback = feedback
+    (prompt,) = variant.teacher_prompts(_sdpo_traj(tok, "Capital of Land3?", long_answer), tok)
+    assert len(prompt) <= 96 and "Capital of Land3?" in tok.decode(prompt)  # the query is never cut
+    strict = get_variant(tiny_config(tiny_model_dir, tmp_path / "x.jsonl", tmp_path / "run", algorithm=sdpo,
+                                     prompts=limits))
+    strict._feedback = feedback
+    with pytest.raises(DataError, match=r"qa.jsonl.*row 7.*max_teacher_prompt_tokens=96"):
+        strict.teacher_prompts(_sdpo_traj(tok, "Capital of Land3?", long_answer), tok)
 
 
 @pytest.mark.slow

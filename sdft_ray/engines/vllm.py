@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdft_ray.config import VLLM_DEFAULT_MAX_LOGPROBS
 from sdft_ray.engines import Generation, SamplingSpec
 
 INSTALL_HINT = (
@@ -165,7 +166,7 @@ class VLLMEngine:
         if kwargs["logprobs_mode"] != "raw_logprobs":
             raise ValueError("rollout.vllm.logprobs_mode must be 'raw_logprobs': the learner's "
                              "importance ratios and losses use temperature-1 log-probs")
-        kwargs.setdefault("max_logprobs", 64)  # top-k requests above this are refused by vLLM
+        kwargs.setdefault("max_logprobs", VLLM_DEFAULT_MAX_LOGPROBS)  # top-k requests above this are refused by vLLM
         # Our weight-update RPCs; a user-given extension must subclass WorkerExtension.
         kwargs.setdefault("worker_extension_cls", f"{__name__}.WorkerExtension")
         if current_platform.is_cpu():
@@ -291,13 +292,13 @@ class VLLMEngine:
         return results  # type: ignore[return-value]
 
     def score_trajectories(self, traj, signal: str, top_k: int, version: int = 0):
-        """``actors.teacher.score_trajectories`` on vLLM for the ``topk_teacher``/``token`` signals."""
+        """``actors.teacher.score_trajectories`` on vLLM for the ``topk_teacher``/``sampled`` signals."""
         from sdft_ray.trajectory import TeacherScores
 
-        if signal not in ("topk_teacher", "token"):
-            raise ValueError(f"vLLM scoring supports signal 'topk_teacher' and 'token', not {signal!r}")
+        if signal not in ("topk_teacher", "sampled"):
+            raise ValueError(f"vLLM scoring supports signal 'topk_teacher' and 'sampled', not {signal!r}")
         scored = self.score(traj.teacher_prompt_ids, traj.response_ids, top_k if signal == "topk_teacher" else 0)
-        out = TeacherScores(teacher_version=version, kind="topk" if signal == "topk_teacher" else "token",
+        out = TeacherScores(teacher_version=version, kind="topk" if signal == "topk_teacher" else "sampled",
                             token_logprobs=[s.token_logprobs for s in scored])
         if signal == "topk_teacher":
             out.topk_ids = [s.topk_ids for s in scored]

@@ -57,4 +57,5 @@ class Variant:
     @staticmethod
     def context(example: Example) -> dict[str, Any]:
         prompt = example.prompt if isinstance(example.prompt, str) else [tuple(m) for m in example.prompt]
-        return {"prompt": prompt, "demonstration": example.demonstration, **dict(example.extra)}
+        return {**dict(example.extra), "prompt": prompt, "demonstration": example.demonstration,
+                "row": example.index, "where": example.source}

@@ -12,7 +12,7 @@ import importlib
 
 import numpy as np
 
-from sdft_ray.prompts import fill_template
+from sdft_ray.data import Example, Message
 from sdft_ray.variants.base import Variant
 
 SOLUTION = "\nHere is a correct solution:\n\n{solution}\n"
@@ -41,6 +41,7 @@ class SDPO(Variant):
             raise ValueError("algorithm.variant 'sdpo' needs algorithm.feedback_fn ('module:function')")
         load_function(cfg.algorithm.feedback_fn)  # fail in the driver, not in an actor
         self._feedback = None
+        self._builder = None
 
     def tokenize(self, builder, examples):
         return self.student_prompt_only(builder, examples)
@@ -58,19 +59,19 @@ class SDPO(Variant):
         return "".join(parts)
 
     def teacher_prompts(self, traj, tokenizer):
+        """The teacher's prompt per response: the student's chat (system turn included, once) with
+        the last user turn filled into the SDPO template, within prompts.max_teacher_prompt_tokens."""
+        from sdft_ray.runner import prompt_builder
+
+        if self._builder is None or self._builder.tokenizer is not tokenizer:
+            self._builder = prompt_builder(self.cfg, tokenizer, teacher_template=TEMPLATE)
         prompts = []
-        p = self.cfg.prompts
         for ctx, response in zip(traj.contexts, traj.response_ids):
             text = tokenizer.decode(response, skip_special_tokens=True)
-            query = ctx["prompt"] if isinstance(ctx["prompt"], str) else ctx["prompt"][-1][1]
-            user = fill_template(TEMPLATE, query, self.teacher_context(ctx, text))
-            messages = ([{"role": "system", "content": p.system_prompt}] if p.system_prompt else [])
-            if not isinstance(ctx["prompt"], str):
-                messages += [{"role": r, "content": c} for r, c in ctx["prompt"][:-1]]
-            messages.append({"role": "user", "content": user})
-            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
-                if p.use_chat_template and tokenizer.chat_template else "\n\n".join(m["content"] for m in messages)
-            prompts.append(np.asarray(tokenizer(rendered, add_special_tokens=False)["input_ids"], dtype=np.int64))
+            prompt = ctx["prompt"] if isinstance(ctx["prompt"], str) else tuple(Message(*m) for m in ctx["prompt"])
+            example = Example(index=int(ctx.get("row", -1)), prompt=prompt, source=str(ctx.get("where", "sdpo")),
+                              demonstration=self.teacher_context(ctx, text))
+            prompts.append(np.asarray(self._builder.fitted_teacher_ids(example), dtype=np.int64))
         return prompts
 
 
