@@ -184,7 +184,8 @@ class LearnerWorker(SyncGroupMember):
             size = sum(getattr(p, "ds_numel", p.numel()) for _, p in bucket)
             if size >= GATHER_NUMEL or i == len(named) - 1:
                 with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
-                    copies = [(n, p.detach().to("cpu", torch.float32).clone()) for n, p in bucket] \
+                    # one fp32 host copy each (the gathered tensors are released on leaving the context)
+                    copies = [(n, torch.empty(p.shape, dtype=torch.float32).copy_(p.detach())) for n, p in bucket] \
                         if self.rank == 0 else []
                 yield from copies
                 bucket = []
@@ -299,8 +300,9 @@ class LearnerWorker(SyncGroupMember):
         if self.cfg.teacher.kind == "ema" and EmaWeights.should_update(step, self.cfg.teacher.ema_every):
             t0 = time.perf_counter()
             named = self.rank0_parameters()
-            if named is not None:
-                self.ema.update(named, self.cfg.teacher.ema_rate)
+            if named is not None:  # streamed: one parameter in flight, names checked before any moves
+                self.ema.update(named, self.cfg.teacher.ema_rate,
+                                names=[n for n, _ in self.engine.module.named_parameters()])
             out["ema_seconds"] = time.perf_counter() - t0
         return out
 

@@ -5,62 +5,13 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
 import torch
 
 from actors.group import SyncGroupMember, WeightHolder, set_torch_threads
-from sdft_ray.forward import micro_batches, response_logits
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
-from sdft_ray.trajectory import ScoreReceipt, TeacherScores, Trajectories
+from sdft_ray.scoring import score_trajectories
+from sdft_ray.trajectory import ScoreReceipt, Trajectories
 from sdft_ray.weights import WeightHandle, get_transport, load_named_tensors
-
-
-def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_k: int,
-                       micro_batch_size: int, transfer_dtype: torch.dtype, version: int) -> TeacherScores:
-    """Run the teacher on ``teacher_prompt + response`` and keep what the loss needs.
-
-    ``signal``: "full" (log-probs over the vocabulary), "topk_teacher" (the teacher's own
-    top-k), "topk_student" (log-probs at the rollout's top-k ids) or "sampled" (the sampled token only).
-    Sampled-token log-probs are always returned (for the implicit reward metric).
-    """
-    kind = {"full": "full", "topk_teacher": "topk", "topk_student": "topk", "sampled": "sampled"}[signal]
-    n = len(traj)
-    out = TeacherScores(teacher_version=version, kind=kind, token_logprobs=[None] * n,
-                        transfer_dtype=str(transfer_dtype).removeprefix("torch."))
-    if kind == "full":
-        out.full_logprobs = [None] * n
-    if kind == "topk":
-        out.topk_ids, out.topk_logprobs = [None] * n, [None] * n
-    lengths = [len(p) + len(r) for p, r in zip(traj.teacher_prompt_ids, traj.response_ids)]
-    with torch.no_grad():
-        for rows in micro_batches(n, micro_batch_size, lengths):
-            logits, ids, mask = response_logits(
-                model, [traj.teacher_prompt_ids[r] for r in rows], [traj.response_ids[r] for r in rows], pad_id)
-            logp = logits.float().log_softmax(-1)
-            tok = logp.gather(-1, ids[..., None]).squeeze(-1)
-            for j, r in enumerate(rows):
-                t = len(traj.response_ids[r])
-                out.token_logprobs[r] = tok[j, :t].cpu().numpy()
-                if kind == "full":
-                    out.full_logprobs[r] = _to_numpy(logp[j, :t], transfer_dtype)
-                elif signal == "topk_teacher":
-                    top = logp[j, :t].topk(top_k, dim=-1)
-                    out.topk_ids[r] = top.indices.cpu().numpy()
-                    out.topk_logprobs[r] = top.values.cpu().numpy()
-                elif signal == "topk_student":
-                    if traj.rollout_topk_ids is None:
-                        raise ValueError("loss.topk_source 'student' needs the rollout's top-k ids")
-                    sid = torch.as_tensor(traj.rollout_topk_ids[r][:t], device=logp.device)
-                    out.topk_ids[r] = sid.cpu().numpy()
-                    out.topk_logprobs[r] = logp[j, :t].gather(-1, sid).cpu().numpy()
-    return out
-
-
-def _to_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    if dtype == torch.float32:
-        return t.cpu().numpy()
-    # numpy has no bfloat16: keep the raw 16-bit pattern; the learner views it back.
-    return t.to(dtype).cpu().view(torch.int16).numpy()
 
 
 class TeacherScorer(WeightHolder, SyncGroupMember):

@@ -87,7 +87,8 @@ class CheckpointManager:
         return Path(tempfile.mkdtemp(prefix=f".tmp-{self.name(step)}-", dir=self.root))
 
     def commit(self, tmp: Path, step: int, state: dict[str, Any]) -> Path:
-        """Write ``state.json`` last (with a digest of every file), rename into place, point ``latest`` at it, rotate."""
+        """Write ``state.json`` last (with the size and a digest of every file: :func:`file_digests`),
+        rename into place, point ``latest`` at it, rotate."""
         state = {**state, "files": file_digests(tmp)}
         atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
         final = self.root / self.name(step)
@@ -133,27 +134,77 @@ class CheckpointManager:
         return done[-1] if done else None
 
 
-def file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (except the state file), by relative path."""
-    digests = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE):
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
+#: Files up to this size get a sha256 of all their bytes when a checkpoint is committed.
+FULL_DIGEST_BYTES = 16 * 2**20
+#: Larger files (weights, optimizer state): a sha256 of their size and of this many blocks ...
+SAMPLE_BLOCKS = 16
+#: ... of this many bytes, evenly spaced from the first byte to the last (1 MiB per file).
+SAMPLE_BLOCK_BYTES = 64 * 2**10
+
+
+def _sample_offsets(size: int) -> list[int]:
+    last = max(0, size - SAMPLE_BLOCK_BYTES)
+    return sorted({round(i * last / (SAMPLE_BLOCKS - 1)) for i in range(SAMPLE_BLOCKS)})
+
+
+def file_digest(path: Path, sampled: bool | None = None) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex, "sampled": bool}`` of one file. ``sampled`` (default: when
+    the file is larger than ``FULL_DIGEST_BYTES``) hashes the size and ``SAMPLE_BLOCKS`` evenly
+    spaced blocks (head and tail included) instead of every byte: constant cost per file."""
+    size = path.stat().st_size
+    sampled = size > FULL_DIGEST_BYTES if sampled is None else sampled
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if sampled:
+            h.update(size.to_bytes(8, "little"))
+            for offset in _sample_offsets(size):
+                fh.seek(offset)
+                h.update(fh.read(SAMPLE_BLOCK_BYTES))
+        else:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-        digests[str(path.relative_to(folder))] = h.hexdigest()
-    return digests
+    return {"bytes": size, "sha256": h.hexdigest(), "sampled": sampled}
+
+
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """:func:`file_digest` of every file under ``folder`` (except the state file), by relative path.
+
+    Why not a full sha256 of everything: these digests catch corruption and mix-ups (a file
+    truncated, lost, swapped with one of another checkpoint or another run, an edited config or
+    state), not attackers: whoever can replace a file can rewrite ``state.json`` as well, so the
+    pickle risk of DeepSpeed's optimizer state is handled by where a checkpoint lies
+    (:func:`resolve_resume` and ``--trust-checkpoint``), not by digests. Hashing every byte of a
+    7B run's checkpoint (~100 GB, mostly optimizer state) takes minutes per save in the driver,
+    inside the training loop, for no gain in that protection. So: sizes of every file; every
+    byte of the small ones (state, configs, tokenizer, indexes); for large ones, 16 blocks of
+    64 KiB spread over the file (the safetensors header and the zip directory of a
+    ``torch.save`` file, with its per-entry CRC-32s by default, are at the ends). Not caught: a change
+    inside a large file that leaves its size and the sampled blocks as they were (a bit flip in
+    the middle of a weight shard).
+    """
+    return {str(path.relative_to(folder)): file_digest(path)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE)}
 
 
 def verify(checkpoint: Path) -> None:
-    """Refuse a checkpoint whose files differ from what its run wrote (corrupt or replaced)."""
+    """Refuse a checkpoint whose files differ from what its run wrote (see :func:`file_digests`
+    for what is compared). Digests written as plain strings (older checkpoints) are full sha256s."""
     expected = read_state(checkpoint).get("files")
     if expected is None:
         raise ValueError(f"{checkpoint}: no file digests in {STATE_FILE}; not written by sdft-ray")
-    actual = file_digests(checkpoint)
-    changed = sorted(set(expected) ^ set(actual) | {k for k in expected if actual.get(k) != expected[k]})
+    present = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != STATE_FILE}
+    changed = sorted(present ^ set(expected))
+    for name in sorted(present & set(expected)):
+        recorded = expected[name]
+        if isinstance(recorded, str):
+            recorded = {"sha256": recorded, "sampled": False}
+        path = checkpoint / name
+        if "bytes" in recorded and path.stat().st_size != recorded["bytes"]:
+            changed.append(name)
+        elif file_digest(path, recorded["sampled"])["sha256"] != recorded["sha256"]:
+            changed.append(name)
     if changed:
-        raise ValueError(f"{checkpoint}: files changed since the checkpoint was written: {changed[:5]}")
+        raise ValueError(f"{checkpoint}: files changed since the checkpoint was written: {sorted(changed)[:5]}")
 
 
 def resolve_resume(value: str, root: str | Path, trust: bool = False) -> Path:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -44,46 +44,101 @@ class EmaWeights:
     def __init__(self, tensors: Mapping[str, Tensor] | None = None,
                  device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self._tensors: OrderedDict[str, Tensor] = OrderedDict(
-            (name, t.detach().to(device=self.device, dtype=torch.float32, copy=True))
-            for name, t in (tensors or {}).items())
+        self._tensors: OrderedDict[str, Tensor] = OrderedDict()
+        self._broken: str | None = None  # why the tensors are inconsistent (a failed update), else None
+        for name, t in (tensors or {}).items():
+            self._add(name, t)
+
+    def _add(self, name: str, t: Tensor) -> None:
+        if name in self._tensors:
+            raise ValueError(f"EMA parameter {name!r} given twice")
+        self._tensors[name] = t.detach().to(device=self.device, dtype=torch.float32, copy=True)
 
     @classmethod
     def from_named_parameters(cls, named_params: Iterable[tuple[str, Tensor]],
                               device: torch.device | str = "cpu") -> EmaWeights:
-        """Detached fp32 clones of ``named_params`` (e.g. ``model.named_parameters()``)."""
-        return cls(OrderedDict(named_params), device=device)
+        """Detached fp32 clones of ``named_params`` (e.g. ``model.named_parameters()``), taken one
+        tensor at a time: a generator of host copies is never held whole next to the EMA."""
+        ema = cls(device=device)
+        for name, t in named_params:
+            ema._add(name, t)
+            del t  # not held while the generator makes the next one
+        return ema
 
     def _check_names(self, names: Iterable[str]) -> None:
-        given = list(names)
-        given_set = set(given)
-        missing = [n for n in self._tensors if n not in given_set]
-        unexpected = [n for n in given if n not in self._tensors]
-        if missing or unexpected:
+        counts = Counter(list(names))  # a Mapping counts its keys
+        missing = [n for n in self._tensors if n not in counts]
+        unexpected = [n for n in counts if n not in self._tensors]
+        duplicated = [n for n, c in counts.items() if c > 1]
+        if missing or unexpected or duplicated:
             raise ValueError(f"EMA parameter names do not match: missing={missing}, "
-                             f"unexpected={unexpected}")
+                             f"unexpected={unexpected}" + (f", duplicated={duplicated}" if duplicated else ""))
 
-    def update(self, named_params: Iterable[tuple[str, Tensor]], rate: float) -> None:
-        """``ema <- (1 - rate) * ema + rate * param``; names must match exactly (any order)."""
-        params = OrderedDict(named_params)
-        self._check_names(params)
-        names = list(self._tensors)
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(f"the EMA weights are inconsistent since a failed update ({self._broken}); "
+                               "load them from a checkpoint")
+
+    def update(self, named_params: Iterable[tuple[str, Tensor]], rate: float,
+               names: Sequence[str] | None = None) -> None:
+        """``ema <- (1 - rate) * ema + rate * param``, streamed: each tensor is cast (to the EMA's
+        fp32 and device) and lerped as it arrives, so memory beyond the EMA is one tensor (the
+        caller's generator can gather parameters one bucket at a time); names must match
+        exactly (any order), each once.
+
+        Checks: with ``names`` (the names the generator will yield, e.g. from
+        ``model.named_parameters()``, which copies nothing) the set is checked before any tensor
+        moves; unknown, repeated or mis-shaped tensors stop the update when they arrive (before
+        they are applied); names never seen are only known at the end. A check that fails after
+        some tensors moved leaves the EMA half updated: it then refuses every use
+        (``RuntimeError``) until :meth:`load_state_dict` restores a consistent state. On any
+        failed check the rest of ``named_params`` is still consumed (and dropped), so that a
+        generator that gathers collectively (ZeRO-3) finishes on every rank instead of leaving
+        the other ranks waiting in a gather.
+        """
+        items = iter(named_params)
+        seen: set[str] = set()
         try:
-            ema_update_([self._tensors[n] for n in names], [params[n] for n in names], rate)
-        except ValueError as exc:
-            raise ValueError(f"{exc} (names in order: {names})") from exc
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"EMA rate must be in [0, 1], got {rate}")
+            self._check_usable()
+            if names is not None:
+                self._check_names(names)
+            for name, param in items:
+                ema = self._tensors.get(name)
+                if ema is None or name in seen:
+                    raise ValueError(f"EMA parameter names do not match: "
+                                     f"{'unexpected' if ema is None else 'duplicated'}=[{name!r}]")
+                if ema.shape != param.shape:
+                    raise ValueError(f"EMA tensor {name!r} has shape {tuple(ema.shape)} but the parameter has "
+                                     f"shape {tuple(param.shape)}")
+                ema_update_([ema], [param], rate)
+                seen.add(name)
+                del param  # not held while the generator makes the next one (a 7B embedding is 2 GB)
+            if len(seen) != len(self._tensors):
+                missing = [n for n in self._tensors if n not in seen]
+                raise ValueError(f"EMA parameter names do not match: missing={missing}, unexpected=[]")
+        except (ValueError, RuntimeError) as exc:
+            if seen:
+                self._broken = f"{len(seen)} of {len(self._tensors)} tensors moved: {exc}"
+            for _ in items:  # let a collective generator finish on this rank too
+                pass
+            raise
 
     def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """Iterate ``(name, fp32 tensor)`` in insertion order."""
+        self._check_usable()
         return iter(self._tensors.items())
 
     def state_dict(self) -> OrderedDict[str, Tensor]:
         """Name -> tensor mapping (the live tensors, like ``nn.Module.state_dict``)."""
+        self._check_usable()
         return OrderedDict(self._tensors)
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Copy ``state`` in (cast to fp32). An empty instance adopts the names of ``state``;
-        otherwise names and shapes must match exactly."""
+        otherwise names and shapes must match exactly. Makes an EMA usable again after a failed
+        update."""
         if not self._tensors:
             self._tensors = EmaWeights(state, device=self.device)._tensors
             return
@@ -95,11 +150,13 @@ class EmaWeights:
         with torch.no_grad():
             for name, t in self._tensors.items():
                 t.copy_(state[name])
+        self._broken = None
 
     def __len__(self) -> int:
         return len(self._tensors)
 
     def __getitem__(self, name: str) -> Tensor:
+        self._check_usable()
         return self._tensors[name]
 
     @staticmethod

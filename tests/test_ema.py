@@ -77,15 +77,113 @@ def test_ema_weights_from_named_parameters_and_update() -> None:
 
 def test_ema_weights_name_mismatch() -> None:
     ema = EmaWeights({"a": torch.zeros(2), "b": torch.zeros(3)})
+    # with the names up front, nothing moves and the EMA stays usable
     with pytest.raises(ValueError, match=r"missing=\['b'\], unexpected=\['c'\]"):
-        ema.update([("a", torch.ones(2)), ("c", torch.ones(3))], 0.5)
-    with pytest.raises(ValueError, match=r"missing=\['b'\], unexpected=\[\]"):
-        ema.update([("a", torch.ones(2))], 0.5)
-    with pytest.raises(ValueError, match=r"shape"):
-        ema.update([("a", torch.ones(2)), ("b", torch.ones(4))], 0.5)
+        ema.update([("a", torch.ones(2)), ("c", torch.ones(3))], 0.5, names=["a", "c"])
+    with pytest.raises(ValueError, match=r"duplicated=\['a'\]"):
+        ema.update([("a", torch.ones(2))], 0.5, names=["a", "b", "a"])
     with pytest.raises(ValueError, match=r"unexpected=\['z'\]"):
         ema.load_state_dict({"a": torch.ones(2), "b": torch.ones(3), "z": torch.ones(1)})
     assert (ema["a"] == 0).all() and (ema["b"] == 0).all()
+    # the first tensor is wrong: found before anything moved
+    for bad, match in [([("c", torch.ones(3))], r"unexpected=\['c'\]"),
+                       ([("b", torch.ones(4))], r"'b' has shape \(3,\) .* \(4,\)")]:
+        with pytest.raises(ValueError, match=match):
+            ema.update(bad + [("a", torch.ones(2))], 0.5)
+        assert (ema["a"] == 0).all() and (ema["b"] == 0).all()
+
+
+@pytest.mark.parametrize("stream, match", [
+    ([("a", torch.ones(2))], r"missing=\['b'\]"),
+    ([("a", torch.ones(2)), ("c", torch.ones(3))], r"unexpected=\['c'\]"),
+    ([("a", torch.ones(2)), ("a", torch.ones(2))], r"duplicated=\['a'\]"),
+    ([("a", torch.ones(2)), ("b", torch.ones(4))], r"shape"),
+])
+def test_failed_streaming_update_poisons_until_reloaded(stream, match) -> None:
+    """A mismatch found after a tensor moved: the EMA is half updated, so it refuses every use
+    until a consistent state is loaded."""
+    ema = EmaWeights({"a": torch.zeros(2), "b": torch.zeros(3)})
+    saved = {k: v.clone() for k, v in ema.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        ema.update(stream, 0.5)
+    for use in (lambda: ema["a"], ema.state_dict, ema.named_tensors,
+                lambda: ema.update([("a", torch.ones(2)), ("b", torch.ones(3))], 0.5)):
+        with pytest.raises(RuntimeError, match="inconsistent"):
+            use()
+    ema.load_state_dict(saved)
+    assert (ema["a"] == 0).all() and (ema["b"] == 0).all()
+
+
+def test_failed_update_still_consumes_the_generator() -> None:
+    """A ZeRO-3 generator gathers collectively: every rank must run it to the end, error or not."""
+    ema = EmaWeights({"a": torch.zeros(2), "b": torch.zeros(3)})
+    consumed = []
+
+    def gen():
+        for name, t in [("x", torch.ones(2)), ("a", torch.ones(2)), ("b", torch.ones(3))]:
+            consumed.append(name)
+            yield name, t
+
+    with pytest.raises(ValueError, match="unexpected"):
+        ema.update(gen(), 0.5)
+    assert consumed == ["x", "a", "b"]
+    consumed.clear()
+    with pytest.raises(ValueError, match="missing"):
+        ema.update(gen(), 0.5, names=["a"])
+    assert consumed == ["x", "a", "b"]
+
+
+def test_streaming_update_holds_one_parameter_at_a_time() -> None:
+    """Each yielded tensor is released before the next is asked for (the old update kept them
+    all: a second full copy of the model), the generator is consumed once, and the result equals
+    the float64 reference formula."""
+    import weakref
+
+    g = torch.Generator().manual_seed(3)
+    shapes = {f"p{i}": (4, 3 + i) for i in range(6)}
+    start = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    params = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in shapes.items()}
+    ema = EmaWeights(start)
+    alive: list[weakref.ref] = []
+    live_when_asked: list[int] = []
+    calls = []
+
+    def host_copies():  # like the learner's full_parameters: a fresh copy per tensor
+        calls.append(1)
+        for name in reversed(shapes):
+            live_when_asked.append(sum(r() is not None for r in alive))
+            copy = params[name].clone()
+            alive.append(weakref.ref(copy))
+            yield name, copy
+            del copy
+
+    ema.update(host_copies(), 0.2, names=list(shapes))
+    assert calls == [1] and len(alive) == len(shapes)
+    assert max(live_when_asked) == 0, live_when_asked
+    for name in shapes:
+        expected = 0.8 * start[name].double() + 0.2 * params[name].double()
+        torch.testing.assert_close(ema[name].double(), expected, atol=1e-6, rtol=1e-6)
+        assert ema[name].dtype == torch.float32
+
+
+def test_from_named_parameters_streams_and_refuses_duplicates() -> None:
+    import weakref
+
+    alive: list[weakref.ref] = []
+    live_when_asked: list[int] = []
+
+    def host_copies():
+        for i in range(4):
+            live_when_asked.append(sum(r() is not None for r in alive))
+            copy = torch.full((3,), float(i), dtype=torch.bfloat16)
+            alive.append(weakref.ref(copy))
+            yield f"p{i}", copy
+            del copy
+
+    ema = EmaWeights.from_named_parameters(host_copies())
+    assert max(live_when_asked) == 0 and [float(t[0]) for _, t in ema.named_tensors()] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="twice"):
+        EmaWeights.from_named_parameters([("a", torch.ones(1)), ("a", torch.ones(1))])
 
 
 def test_state_dict_round_trip() -> None:

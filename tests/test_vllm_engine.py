@@ -220,7 +220,7 @@ def test_sleep_mode_is_refused_where_vllm_has_none(vllm_model_dir):
 
 
 def test_teacher_scores_match_transformers(ray_local, rollout_actor, vllm_model_dir, prompts):
-    from actors.teacher import score_trajectories
+    from sdft_ray.scoring import score_trajectories
     from sdft_ray.engines.vllm import VLLMEngine
 
     student, teacher = prompts

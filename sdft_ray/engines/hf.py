@@ -6,11 +6,72 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+from transformers import LogitsProcessorList
 
 from sdft_ray.engines import Generation, SamplingSpec
 from sdft_ray.forward import micro_batches
 from sdft_ray.models import load_causal_lm, load_tokenizer, stop_token_ids
+from sdft_ray.scoring import LogprobStats, logprob_stats
 from sdft_ray.weights import load_named_tensors
+
+
+class StepLogprobs:
+    """Sampled-token log-probs and top-k of each generation step, from that step's ``[B, V]``
+    logits: memory O(B * V) however many tokens are generated (``output_logits`` would keep
+    all ``T`` steps, and a log-softmax over them is a ``[B, T, V]`` fp32 tensor).
+
+    A forward hook on the model keeps each forward's raw next-token logits (what
+    ``output_logits`` returned: temperature 1, before any logits processor, so the numbers do
+    not depend on processors that the model's ``generation_config`` may add, such as a
+    repetition penalty, nor on their order). Passed to ``generate`` as a logits processor, it
+    returns the scores unchanged; its ``input_ids`` at step ``t + 1`` end with the token
+    sampled at step ``t``, so step ``t`` is recorded then, and the last step in
+    :meth:`finish` from the returned sequences. Use it as a context manager (the hook is
+    removed on exit).
+    """
+
+    def __init__(self, model: torch.nn.Module, top_k: int = 0):
+        self.top_k = top_k
+        self._raw: torch.Tensor | None = None  # next-token logits of the latest forward
+        self._pending: torch.Tensor | None = None  # a step's fp32 logits, waiting for its sampled token
+        self._steps: list[LogprobStats] = []
+        self._hook = model.register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output) -> None:
+        self._raw = output.logits[:, -1, :]
+
+    def _record(self, token_ids: torch.Tensor) -> None:
+        self._steps.append(logprob_stats(self._pending, token_ids, self.top_k))
+        self._pending = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._pending is not None:
+            self._record(input_ids[:, -1])
+        if self._raw is None:
+            raise RuntimeError("StepLogprobs: a generation step without a model forward (not plain sampling?)")
+        self._pending, self._raw = self._raw.to(torch.float32, copy=True), None
+        return scores
+
+    def finish(self, sequences: torch.Tensor, new_tokens: int) -> LogprobStats:
+        """``[B, T]`` token log-probs (and ``[B, T, k]`` top-k) on the CPU, for the last
+        ``new_tokens`` columns of ``sequences``."""
+        if self._pending is not None:
+            self._record(sequences[:, -1])
+        if len(self._steps) != new_tokens:
+            raise RuntimeError(f"StepLogprobs: recorded {len(self._steps)} steps for {new_tokens} new tokens")
+        batch, k = sequences.shape[0], self.top_k
+        if not self._steps:
+            return LogprobStats(token=torch.zeros(batch, 0), topk_ids=torch.zeros(batch, 0, k, dtype=torch.long),
+                                topk=torch.zeros(batch, 0, k))
+        stack = lambda attr: torch.stack([getattr(s, attr) for s in self._steps], dim=1).cpu()  # noqa: E731
+        return LogprobStats(token=stack("token"), topk_ids=stack("topk_ids") if k else None,
+                            topk=stack("topk") if k else None)
+
+    def __enter__(self) -> StepLogprobs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hook.remove()
 
 
 class HFEngine:
@@ -68,29 +129,27 @@ class HFEngine:
         cache = self._shared_prompt_cache(prompts, width)
         if cache is not None:
             kwargs["past_key_values"] = cache
-        result = self.model.generate(
-            input_ids=ids, attention_mask=mask,
-            max_new_tokens=sampling.max_new_tokens, eos_token_id=list(stops), pad_token_id=self.pad_id,
-            return_dict_in_generate=True, output_logits=True, **kwargs,
-        )
-        new_tokens = result.sequences[:, width:].cpu()
         # Raw (temperature-1) log-probs, as the learner computes them and vLLM reports them.
-        logprobs = torch.stack(result.logits, dim=1).float().log_softmax(-1).cpu()  # [B, T, V]
+        with StepLogprobs(self.model, sampling.topk_logprobs) as recorder:
+            sequences = self.model.generate(
+                input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList([recorder]),
+                max_new_tokens=sampling.max_new_tokens, eos_token_id=list(stops), pad_token_id=self.pad_id,
+                **kwargs,
+            )
+            stats = recorder.finish(sequences, sequences.shape[1] - width)
+        new_tokens = sequences[:, width:].cpu()
         stop_set = set(stops)
         gens = []
         for b in range(len(prompts)):
             toks = new_tokens[b].tolist()
             end = next((t + 1 for t, tok in enumerate(toks) if tok in stop_set), len(toks))
-            tok_tensor = new_tokens[b, :end]
-            lp = logprobs[b, :end]
             gen = Generation(
-                token_ids=tok_tensor.numpy().astype(np.int64),
-                logprobs=lp.gather(-1, tok_tensor[:, None]).squeeze(-1).numpy().astype(np.float32),
+                token_ids=new_tokens[b, :end].numpy().astype(np.int64),
+                logprobs=stats.token[b, :end].numpy().astype(np.float32),
                 finished=end <= len(toks) and bool(toks) and toks[end - 1] in stop_set,
             )
             if sampling.topk_logprobs:
-                top = lp.topk(sampling.topk_logprobs, dim=-1)
-                gen.topk_ids = top.indices.numpy().astype(np.int64)
-                gen.topk_logprobs = top.values.numpy().astype(np.float32)
+                gen.topk_ids = stats.topk_ids[b, :end].numpy().astype(np.int64)
+                gen.topk_logprobs = stats.topk[b, :end].numpy().astype(np.float32)
             gens.append(gen)
         return gens

@@ -257,7 +257,7 @@ class VLLMEngine:
 
         One prefill per ``prompt + response`` with ``prompt_logprobs=top_k``: for every response
         token the log-prob of that token and (``top_k > 0``) the model's own top-k, best first,
-        raw (temperature 1) as in ``actors.teacher.score_trajectories``.
+        raw (temperature 1) as in ``sdft_ray.scoring.score_trajectories``.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -292,7 +292,7 @@ class VLLMEngine:
         return results  # type: ignore[return-value]
 
     def score_trajectories(self, traj, signal: str, top_k: int, version: int = 0):
-        """``actors.teacher.score_trajectories`` on vLLM for the ``topk_teacher``/``sampled`` signals."""
+        """``sdft_ray.scoring.score_trajectories`` on vLLM for the ``topk_teacher``/``sampled`` signals."""
         from sdft_ray.trajectory import TeacherScores
 
         if signal not in ("topk_teacher", "sampled"):
