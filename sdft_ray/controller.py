@@ -461,9 +461,8 @@ class Controller:
         self.checkpoints.clean_partial()
         if resume is not None:
             self.restore(resume)
-        metrics_log = MetricsLogger(self.run_dir, cfg.output.tensorboard,
-                                    resume_step=self.step if resume is not None else None)
-        progress = Progress(self.total_steps, cfg.output.progress, start=self.step)
+        metrics_log = MetricsLogger.from_config(cfg, self.run_dir, resume_step=self.step if resume is not None else None)
+        progress = Progress(self.total_steps, cfg.output.progress, start=self.step, log_every=cfg.output.log_every)
         pending: deque[Batch] = deque()
         next_launch = self.step + 1
         last_step = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
@@ -514,13 +513,13 @@ class Controller:
                     record["time/checkpoint"] = time.perf_counter() - t_ckpt
                 metrics_log.log(self.step, record)
                 history.append(record)
-                progress.update(self.step, f"loss {record['loss']:.4f}")
+                progress.update(self.step, record)
         finally:
             progress.close()
             metrics_log.close()
         seconds = time.perf_counter() - run_start
         utilisation = utilisation_summary(history, seconds)
-        if history and cfg.output.progress:
+        if history and cfg.output.progress != "off":
             print_utilisation(utilisation)
         return {"steps": self.step, "seconds": seconds, "history": history, "utilisation": utilisation,
                 "latest_checkpoint": str(self.checkpoints.latest() or "")}
