@@ -141,18 +141,17 @@ def test_missing_tracker_package_names_the_key_and_the_install(monkeypatch, tmp_
 
 def test_missing_tracker_package_stops_the_cli_before_ray_starts(monkeypatch, tiny_model_dir, tiny_data, tmp_path,
                                                                   capsys):
-    import ray
-
+    import sdft_ray.runner
     from sdft_ray.cli import main
 
-    if ray.is_initialized():
-        pytest.skip("another test started Ray in this process")
+    ray_starts = []
+    monkeypatch.setattr(sdft_ray.runner, "init_ray", lambda cfg: ray_starts.append(cfg))
     monkeypatch.setitem(sys.modules, "mlflow", None)
     code = main(["train", "--set", f"model.path={tiny_model_dir}", "--set", f"data.path={tiny_data}",
                  "--set", f"output.dir={tmp_path / 'run'}", "--set", "output.loggers=[mlflow]"])
     err = capsys.readouterr().err
     assert code == 2 and "output.loggers" in err and "sdft-ray[mlflow]" in err, err
-    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+    assert ray_starts == [] and not (tmp_path / "run").exists()
 
 
 def test_flat_params():
