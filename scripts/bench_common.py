@@ -186,7 +186,7 @@ def base_tree(args: argparse.Namespace, model_folder: Path, out_dir: Path) -> di
                      "max_staleness": 0},
         "placement": {role: {"num_cpus": 1, "torch_threads": threads} for role in ("rollout", "teacher", "learner")},
         "fault_tolerance": {"call_timeout_s": 1800},
-        "output": {"dir": str(out_dir), "tensorboard": False, "progress": False, "save_final": False,
+        "output": {"dir": str(out_dir), "loggers": ["jsonl"], "progress": "off", "save_final": False,
                    "checkpoint_every": 0},
     }
 

@@ -30,9 +30,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from sdft_ray.roles import RoleGroup
 
 #: config keys (dotted prefixes) that may differ between a checkpoint and the run resuming it
-RESUMABLE_CHANGES = ("fault_tolerance", "output.progress", "output.tensorboard", "output.keep_last",
-                     "output.checkpoint_every", "output.keep_best", "output.best_mode", "output.save_final",
-                     "output.dir", "placement.strategy", "placement.node_resources")
+RESUMABLE_CHANGES = ("fault_tolerance", "output.progress", "output.log_every", "output.loggers", "output.run_name",
+                     "output.project", "output.tags", "output.keep_last", "output.checkpoint_every",
+                     "output.keep_best", "output.best_mode", "output.save_final", "output.dir",
+                     "placement.strategy", "placement.node_resources")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

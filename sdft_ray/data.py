@@ -3,7 +3,8 @@
 An SDFT example is a query (the *prompt*: a string or a list of chat messages
 ending with a user turn) plus a *demonstration* (an expert answer shown only to
 the teacher). :func:`load_examples` reads JSON lines (``.jsonl``/``.json``),
-``.parquet``, ``.arrow`` or a ``datasets`` ``save_to_disk`` directory, maps the
+``.parquet``, ``.arrow``, a ``datasets`` ``save_to_disk`` directory or a hub dataset id
+``org/name`` already in the local ``datasets`` cache (:mod:`sdft_ray.hub`), maps the
 user's column names onto ours and validates every row, raising
 :class:`~sdft_ray.errors.DataError` (naming file, row, line and field) for
 anything malformed. :class:`EpochSampler` gives a deterministic, resumable
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from sdft_ray.errors import DataError
+from sdft_ray.hub import is_hub_id, load_cached_dataset
 
 __all__ = [
     "COLUMN_PRESETS",
@@ -42,7 +44,9 @@ COLUMN_PRESETS: dict[str, dict[str, str]] = {
     "official": {"prompt": "messages", "demonstration": "output_text"},
 }
 CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
-SUPPORTED_FORMATS = ".jsonl, .json (JSON lines), .parquet, .arrow, or a directory written by datasets' save_to_disk"
+SUPPORTED_FORMATS = (".jsonl, .json (JSON lines), .parquet, .arrow, a directory written by datasets' save_to_disk, "
+                     "or a hub dataset id 'org/name' in the local datasets cache")
+_FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")  # a missing path with one of these is a missing file
 
 
 class Message(NamedTuple):
@@ -157,16 +161,20 @@ def _scan_json_array(path: str, data: bytes, limit: int | None) -> Iterator[_Row
 
 
 def _read_table_rows(path: str, split: str | None, limit: int | None) -> tuple[list[str], list[_Row]]:
-    """Rows of a parquet/arrow file or a save_to_disk directory, plus its column names."""
+    """Rows of a parquet/arrow file, a save_to_disk directory or a cached hub dataset, plus its column names."""
     try:
-        if os.path.isdir(path):
+        is_file = os.path.isfile(path)  # else a save_to_disk folder, or a hub id (_read_rows checked its shape)
+        if not is_file:
             import datasets
 
-            try:
-                ds = datasets.load_from_disk(path)
-            except FileNotFoundError:
-                detail = f"directory is not a dataset written by save_to_disk; supported: {SUPPORTED_FORMATS}"
-                raise DataError(path, detail) from None
+            if os.path.isdir(path):
+                try:
+                    ds = datasets.load_from_disk(path)
+                except FileNotFoundError:
+                    detail = f"directory is not a dataset written by save_to_disk; supported: {SUPPORTED_FORMATS}"
+                    raise DataError(path, detail) from None
+            else:
+                ds = load_cached_dataset(path)
             if isinstance(ds, datasets.DatasetDict):
                 name = split or "train"
                 if name not in ds:
@@ -245,12 +253,13 @@ def _check_prompt(value: Any, where: dict[str, Any]) -> Prompt:
 def _read_rows(file: str, split: str | None, limit: int | None) -> tuple[list[str], list[_Row]]:
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    if not os.path.exists(file):
-        raise DataError(file, "file not found")
-    if split not in (None, "train") and not os.path.isdir(file):
-        raise DataError(file, _no_splits(split))
     ext = os.path.splitext(file)[1].lower()
-    if os.path.isdir(file) or ext in (".parquet", ".arrow"):
+    hub_dataset = not os.path.exists(file) and is_hub_id(file) and ext not in _FILE_EXTENSIONS
+    if not os.path.exists(file) and not hub_dataset:
+        raise DataError(file, "file not found")
+    if split not in (None, "train") and not (os.path.isdir(file) or hub_dataset):
+        raise DataError(file, _no_splits(split))
+    if os.path.isdir(file) or hub_dataset or ext in (".parquet", ".arrow"):
         names, rows = _read_table_rows(file, split, limit)
     elif ext in (".jsonl", ".json"):
         rows = list(_scan_json_lines(file, limit))

@@ -1,8 +1,9 @@
-"""Where model weights come from: local HF folders and the embedded SmolLM2 GGUF.
+"""Where model weights come from: local HF folders, hub ids in the local HF cache, and the
+embedded SmolLM2 GGUF.
 
 Nothing here downloads. ``resolve_model_path`` turns the config's ``model.path`` into a
 Hugging Face folder on local disk (converting the embedded GGUF once, under a file lock,
-into a cache folder), and ``load_causal_lm`` / ``load_tokenizer`` are the only places roles
+into a cache folder; finding ``org/name`` in the hub cache), and ``load_causal_lm`` / ``load_tokenizer`` are the only places roles
 load weights from.
 """
 
@@ -16,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from sdft_ray.hub import cached_model_folder, is_hub_id
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
@@ -78,8 +81,10 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:
-    """Return a local HF model folder for ``model.path`` (converting embedded models once)."""
+def resolve_model_path(path: str, cache_dir: str | None = None, field: str = "model.path") -> Path:
+    """Return a local HF model folder for ``model.path`` (``field`` names the config key in errors):
+    a folder, ``embedded:<name>`` (converted once), or a hub id ``org/name`` found in the local
+    Hugging Face cache (:mod:`sdft_ray.hub`)."""
     if path.startswith(EMBEDDED_PREFIX):
         name = path[len(EMBEDDED_PREFIX):]
         gguf = _embedded_gguf(name)
@@ -94,10 +99,13 @@ def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:
                 convert_gguf_to_hf(gguf, out)
         return out
     folder = Path(path).expanduser()
+    if not folder.exists() and is_hub_id(path):
+        return cached_model_folder(path, field)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"model.path: {path!r} is not a Hugging Face model folder (no config.json) and not "
-            f"'{EMBEDDED_PREFIX}<name>' (known: {sorted(EMBEDDED_MODELS)}). Nothing is downloaded at run time."
+            f"{field}: {path!r} is not a Hugging Face model folder (no config.json), not "
+            f"'{EMBEDDED_PREFIX}<name>' (known: {sorted(EMBEDDED_MODELS)}) and not a hub id 'org/name' in the "
+            "local Hugging Face cache. Nothing is downloaded at run time."
         )
     return folder
 

@@ -16,6 +16,7 @@ from typing import Any
 from sdft_ray.checkpoint import CheckpointManager, resolve_resume
 from sdft_ray.config import RunConfig
 from sdft_ray.data import load_examples
+from sdft_ray.metrics import require_logger_packages
 from sdft_ray.models import load_tokenizer, resolve_model_path
 from sdft_ray.prompts import PromptBuilder, TokenizedExample
 
@@ -78,10 +79,12 @@ def check_sequence_length(cfg: RunConfig, model_folder: Path, examples: list[Tok
 
 
 def prepare(cfg: RunConfig) -> PreparedRun:
-    """Resolve the model, load and tokenize the data: every input error surfaces here."""
+    """Check the loggers' packages, resolve the model, load and tokenize the data: every input
+    error surfaces here."""
     from sdft_ray.variants import get_variant
 
     variant = get_variant(cfg)
+    require_logger_packages(cfg.output)
     model_folder = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
     tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
     if variant.teacher_model(model_folder) != model_folder:

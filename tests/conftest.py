@@ -79,7 +79,7 @@ def tiny_config(model_dir: Path, data_path: Path, out: Path, **sections):
         "schedule": {"prompts_per_step": 4, "max_steps": 2, "seed": 0},
         "placement": {r: {"num_cpus": 0.5, "torch_threads": 1} for r in ("rollout", "teacher", "learner")},
         "fault_tolerance": {"call_timeout_s": 300},
-        "output": {"dir": str(out), "tensorboard": False, "progress": False},
+        "output": {"dir": str(out), "loggers": ["jsonl"], "progress": "off"},
     }
     for key, value in sections.items():
         tree.setdefault(key, {}).update(value)

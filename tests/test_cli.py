@@ -20,7 +20,7 @@ def test_train_then_export_loads_and_generates(ray_local, tiny_model_dir, tiny_d
         "model": {"path": str(tiny_model_dir)}, "data": {"path": str(tiny_data)},
         "rollout": {"max_new_tokens": 8}, "schedule": {"prompts_per_step": 4, "max_steps": 2},
         "placement": {r: {"num_cpus": 0.5} for r in ("rollout", "teacher", "learner")},
-        "output": {"dir": str(tmp_path / "run"), "progress": False},
+        "output": {"dir": str(tmp_path / "run"), "progress": "off"},
     }))
     assert main(["train", str(config), "--set", "learner.lr=1e-3"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

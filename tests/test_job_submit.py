@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -148,6 +149,31 @@ class LocalHead:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+# configs/tiny_job.yaml runs 2 steps of ~0.1 s on the tiny model: 30 give the log poller seconds to
+# see a step line while the job still runs.
+STEPS = 30
+STEP_LINE = re.compile(r"^step=(?P<step>\d+)/(?P<total>\d+) loss=(?P<loss>\S+) ")
+
+
+def poll_for_step_line(head: LocalHead, submission_id: str, submitter: subprocess.Popen,
+                       deadline: float) -> re.Match | None:
+    """The first step line found in the job's logs while the job was RUNNING (None if it ended first)."""
+    while time.monotonic() < deadline and submitter.poll() is None:
+        try:
+            logs = head.api(f"/api/jobs/{submission_id}/logs")["logs"]
+            status = head.api(f"/api/jobs/{submission_id}")["status"]
+        except (urllib.error.HTTPError, OSError):  # not submitted yet
+            time.sleep(0.25)
+            continue
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return None
+        match = next((m for m in map(STEP_LINE.match, logs.splitlines()) if m), None)
+        if status == "RUNNING" and match:
+            return match
+        time.sleep(0.25)
+    return None
+
+
 @pytest.fixture
 def ray_head():
     t0 = time.monotonic()
@@ -183,13 +209,28 @@ def test_submit_job_runs_training_on_loopback_head_with_token(ray_head, tiny_mod
     env = clean_env(RAY_ADDRESS=head.address, RAY_AUTH_TOKEN_PATH=str(head.token_path),
                     JOB_PYTHON=sys.executable, RAY=RAY)
     started = time.monotonic()
-    submitted = subprocess.run(
-        ["bash", str(REPO / "scripts" / "submit_job.sh"), "--submission-id", submission_id,
-         "configs/tiny_job.yaml", "--set", f"model.path={tiny_model_dir}", "--set", f"data.path={tiny_data}",
-         "--set", f"output.dir={out}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)  # the script cds to the repo itself
-    followed = submitted.stdout + submitted.stderr
+    follow_log = tmp_path / "submit_job.out"
+    with open(follow_log, "w") as follow:  # a file, not a pipe: nobody reads a pipe while we poll
+        submitted = subprocess.Popen(
+            ["bash", str(REPO / "scripts" / "submit_job.sh"), "--submission-id", submission_id,
+             "configs/tiny_job.yaml", "--set", f"model.path={tiny_model_dir}", "--set", f"data.path={tiny_data}",
+             "--set", f"output.dir={out}", "--set", f"schedule.max_steps={STEPS}"],
+            cwd=tmp_path, env=env, stdout=follow, stderr=subprocess.STDOUT, text=True)  # the script cds to the repo
+        try:
+            # The job's logs show step lines while it runs (read the logs, then see it still RUNNING).
+            seen_running = poll_for_step_line(head, submission_id, submitted, deadline=started + 360)
+            submitted.wait(timeout=max(1.0, started + 360 - time.monotonic()))
+        finally:
+            if submitted.poll() is None:
+                submitted.kill()
+    followed = follow_log.read_text()
     assert submitted.returncode == 0, followed[-6000:]
+    assert seen_running is not None, f"no step line in the job's logs while it ran:\n{followed[-6000:]}"
+    # A step before the last, read while the job ran: the lines stream, they do not come at the end.
+    assert int(seen_running.group("step")) < STEPS and seen_running.group("total") == str(STEPS), seen_running.string
+    for label in ("loss", "divergence", "tokens_per_s", "response_len", "finished", "staleness", "rollout_wait",
+                  "teacher_wait", "learner", "sync", "step_time"):
+        assert f" {label}=" in seen_running.string, seen_running.string
     elapsed = time.monotonic() - started
 
     job = head.api(f"/api/jobs/{submission_id}")
@@ -201,8 +242,8 @@ def test_submit_job_runs_training_on_loopback_head_with_token(ray_head, tiny_mod
     assert len(finals) == 1, logs[-4000:]
     final = finals[0]
     assert '"final_loss"' in followed
-    assert final["steps"] == 2 and math.isfinite(final["final_loss"])
-    assert Path(final["checkpoint"]).name == "step-00000002"
+    assert final["steps"] == STEPS and math.isfinite(final["final_loss"])
+    assert Path(final["checkpoint"]).name == f"step-{STEPS:08d}"
     assert (Path(final["checkpoint"]) / "student" / "config.json").is_file()
     assert Path(final["checkpoint"]).parent == out / "checkpoints"
 
@@ -218,6 +259,12 @@ def test_submit_job_runs_training_on_loopback_head_with_token(ray_head, tiny_mod
         assert size < 5 * 2**20, f"{package}: {size} bytes uploaded"
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert all(math.isfinite(r["loss"]) for r in records)
-    print(f"job {submission_id}: submitted and finished in {elapsed:.1f}s")
+    # One line per step in the job's logs, its loss (4 significant digits) that of metrics.jsonl.
+    lines = [m for m in map(STEP_LINE.match, logs.splitlines()) if m]
+    assert [int(m.group("step")) for m in lines] == list(range(1, STEPS + 1)), logs[-4000:]
+    for m, record in zip(lines, records):
+        assert float(m.group("loss")) == pytest.approx(record["loss"], rel=5e-4), (m.string, record["loss"])
+    print(f"job {submission_id}: submitted and finished in {elapsed:.1f}s; step line {seen_running.group('step')}/"
+          f"{STEPS} seen in its logs while it ran")

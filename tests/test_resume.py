@@ -30,7 +30,7 @@ def write_run_config(path: Path, model_dir: Path, data: Path, out: Path, steps: 
         "learner": {"num_workers": 1, "lr": 1e-2, "micro_batch_size": 4},
         "schedule": {"prompts_per_step": 4, "max_steps": steps, "seed": 3, "max_staleness": max_staleness},
         "placement": {r: {"num_cpus": 0.5, "torch_threads": 1} for r in ("rollout", "teacher", "learner")},
-        "output": {"dir": str(out), "checkpoint_every": 1, "keep_last": 10, "tensorboard": False, "progress": False},
+        "output": {"dir": str(out), "checkpoint_every": 1, "keep_last": 10, "loggers": ["jsonl"], "progress": "off"},
     }
     path.write_text(yaml.safe_dump(tree))
     return path

@@ -28,4 +28,4 @@ class ExternalTeacher(Variant):
         return self.student_prompt_only(builder, examples)
 
     def teacher_model(self, student_folder: Path) -> Path:
-        return resolve_model_path(self.cfg.teacher.model_path, self.cfg.model.cache_dir)
+        return resolve_model_path(self.cfg.teacher.model_path, self.cfg.model.cache_dir, field="teacher.model_path")
