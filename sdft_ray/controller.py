@@ -38,7 +38,7 @@ from sdft_ray.roles import LearnerGroup, RoleGroup, spawn
 from sdft_ray.schedule import Batch, Pipeline
 from sdft_ray.step_metrics import (combine_learner_metrics, print_utilisation, ratio_metrics, rollout_stats,
                                    utilisation_summary)
-from sdft_ray.trajectory import PromptShard, RolloutReceipt, Trajectories
+from sdft_ray.trajectory import PromptShard, Trajectories
 from sdft_ray.variants import get_variant
 from sdft_ray.weight_sync import make_weight_sync
 
@@ -136,15 +136,8 @@ class Controller:
 
     # ---- one batch ---------------------------------------------------------------------------
     def make_shard(self, step: int, picks: list[tuple[int, int]]) -> PromptShard:
-        rows = [self.examples[i] for _, i in picks]
-        return PromptShard(
-            step=step, seed=self.cfg.schedule.seed * 1_000_003 + step,
-            example_index=np.array([i for _, i in picks], dtype=np.int64),
-            epoch=np.array([e for e, _ in picks], dtype=np.int64),
-            prompt_ids=[np.asarray(r.prompt_ids, dtype=np.int64) for r in rows],
-            teacher_prompt_ids=[np.asarray(r.teacher_prompt_ids, dtype=np.int64) for r in rows],
-            contexts=[self.contexts[r.index] for r in rows] if self.contexts is not None else None,
-        )
+        return PromptShard.of_examples(step, self.cfg.schedule.seed * 1_000_003 + step, picks, self.examples,
+                                       self.contexts)
 
     def launch(self, step: int) -> Batch:
         """Take the next prompts from the data stream and start generating and scoring them."""
@@ -184,19 +177,10 @@ class Controller:
     def _demonstration_batch(self, step: int, picks, sampler_state) -> Batch:
         """SFT: the demonstrations are the responses; put one part per learner into the object store."""
         shard = self.make_shard(step, picks)
-        responses = [np.asarray(self.targets[self.examples[i].index], dtype=np.int64) for _, i in picks]
-        traj = Trajectories(
-            step=step, policy_version=self.step, example_index=shard.example_index, epoch=shard.epoch,
-            sample_index=np.zeros(len(picks), dtype=np.int64), prompt_ids=shard.prompt_ids,
-            teacher_prompt_ids=shard.teacher_prompt_ids, response_ids=responses,
-            rollout_logprobs=[np.zeros(len(r), dtype=np.float32) for r in responses],
-            finished=np.ones(len(picks), dtype=bool))
-        tokens = sum(len(r) for r in responses)
-        receipt = RolloutReceipt(worker=-1, step=step, policy_version=self.step, sequences=len(traj),
-                                 response_tokens=tokens, mean_response_len=tokens / max(len(traj), 1),
-                                 finished_fraction=1.0, seconds=0.0, example_index=[int(i) for _, i in picks])
+        traj = Trajectories.of_demonstrations(
+            shard, [np.asarray(self.targets[self.examples[i].index], dtype=np.int64) for _, i in picks], self.step)
         parts = [ray.put(p) for p in traj.split(len(self.learners))]
-        return Batch(step, [shard], sampler_state or {}, rollout_refs=[[ray.put(receipt), *parts]])
+        return Batch(step, [shard], sampler_state or {}, rollout_refs=[[ray.put(traj.receipt(-1, 0.0)), *parts]])
 
     def collect(self, batch: Batch) -> dict[str, Any]:
         """Wait for a batch's receipts, recovering lost actors and re-issuing their work."""
@@ -291,8 +275,7 @@ class Controller:
         groups = [("rollout", self.rollout), ("teacher", self.teacher)]
         return {
             **{k: v for k, v in learned.items() if k not in ("policy_version_min", "teacher_version_min")},
-            **{k: v for k, v in stats.items() if k != "examples"}, "examples": stats["examples"],
-            "staleness": staleness, "queue/batches_ahead": queued, "student_version": self.step,
+            **stats, "staleness": staleness, "queue/batches_ahead": queued, "student_version": self.step,
             "teacher_version": self.teacher.version if self.teacher is not None else 0,
             "rollout/policy_version_min": learned["policy_version_min"],
             "teacher/version_min": learned["teacher_version_min"],

@@ -27,6 +27,17 @@ class PromptShard:
     teacher_prompt_ids: list[np.ndarray]  # demonstration-conditioned prompt token ids
     contexts: list[dict] | None = None  # prompt text + extra columns, for variants that build context late
 
+    @classmethod
+    def of_examples(cls, step: int, seed: int, picks: list[tuple[int, int]], examples: list,
+                    contexts: dict[int, dict] | None = None) -> "PromptShard":
+        """The prompts of ``picks`` (``(epoch, example)`` pairs) from tokenized examples."""
+        rows = [examples[i] for _, i in picks]
+        return cls(step=step, seed=seed, example_index=np.array([i for _, i in picks], dtype=np.int64),
+                   epoch=np.array([e for e, _ in picks], dtype=np.int64),
+                   prompt_ids=[np.asarray(r.prompt_ids, dtype=np.int64) for r in rows],
+                   teacher_prompt_ids=[np.asarray(r.teacher_prompt_ids, dtype=np.int64) for r in rows],
+                   contexts=[contexts[r.index] for r in rows] if contexts is not None else None)
+
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
@@ -63,6 +74,24 @@ class Trajectories:
     finished: np.ndarray  # [B] bool, stopped on a stop token (else hit max_new_tokens)
     rollout_topk_ids: list[np.ndarray] | None = None  # [T, k] int64, the sampler's top-k
     contexts: list[dict] | None = None  # see PromptShard.contexts
+
+    @classmethod
+    def of_demonstrations(cls, shard: PromptShard, responses: list[np.ndarray], policy_version: int) -> "Trajectories":
+        """Supervised rows: the demonstrations are the responses (SFT), nothing sampled."""
+        return cls(step=shard.step, policy_version=policy_version, example_index=shard.example_index,
+                   epoch=shard.epoch, sample_index=np.zeros(len(shard), dtype=np.int64), prompt_ids=shard.prompt_ids,
+                   teacher_prompt_ids=shard.teacher_prompt_ids, response_ids=responses,
+                   rollout_logprobs=[np.zeros(len(r), dtype=np.float32) for r in responses],
+                   finished=np.ones(len(shard), dtype=bool))
+
+    def receipt(self, worker: int, seconds: float) -> "RolloutReceipt":
+        """What the controller reads back about these rows."""
+        lengths = [len(r) for r in self.response_ids]
+        return RolloutReceipt(worker=worker, step=self.step, policy_version=self.policy_version, sequences=len(self),
+                              response_tokens=int(sum(lengths)),
+                              mean_response_len=float(np.mean(lengths)) if lengths else 0.0,
+                              finished_fraction=float(self.finished.mean()) if len(self) else 0.0, seconds=seconds,
+                              example_index=[int(i) for i, k in zip(self.example_index, self.sample_index) if k == 0])
 
     def __len__(self) -> int:
         return len(self.response_ids)
