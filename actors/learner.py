@@ -25,7 +25,8 @@ from sdft_ray.config import RunConfig
 from sdft_ray.distributed import all_reduce_sum
 from sdft_ray.ema import EmaWeights
 from sdft_ray.forward import micro_batches, pad_right, response_logits
-from sdft_ray.losses import LossSpec, TeacherSignal, distillation_loss, response_loss_mask, sft_loss
+from sdft_ray.losses import (LossSpec, TeacherSignal, distillation_loss, response_loss_mask, sft_loss,
+                             shift_position_weights)
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.roles import on_ranks
 from sdft_ray.trajectory import TeacherScores, Trajectories
@@ -57,7 +58,8 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 def loss_spec(cfg: RunConfig) -> LossSpec:
     c = cfg.loss
     return LossSpec(alpha=c.alpha, estimator=c.estimator, tail_bucket=c.tail_bucket,
-                    skip_first_tokens=c.skip_first_tokens, aggregation=c.aggregation, is_clip=c.is_clip)
+                    skip_first_tokens=c.skip_first_tokens, aggregation=c.aggregation, is_clip=c.is_clip,
+                    position_weights=c.position_weights, shift_floor=c.shift_floor)
 
 
 def teacher_signal_kind(cfg: RunConfig) -> str:
@@ -73,13 +75,19 @@ def collate_signal(scores: list[TeacherScores], rows: list[tuple[int, int]], wid
     """Pad the teacher's per-sequence arrays for the rows ``(part, row)`` into a TeacherSignal."""
     first = scores[0]
     pick = lambda attr: [getattr(scores[p], attr)[r] for p, r in rows]  # noqa: E731
+    shift = None
+    if first.demonstration_shift is not None:
+        shift = pad_right(pick("demonstration_shift"), 0.0, torch.float32, width).to(device)
     if first.kind == "full":
         arrays = [first.as_float(a) for a in pick("full_logprobs")]
-        return TeacherSignal(full_logprobs=pad_right(arrays, 0.0, torch.float32, width).to(device))
+        return TeacherSignal(full_logprobs=pad_right(arrays, 0.0, torch.float32, width).to(device),
+                             demonstration_shift=shift)
     if first.kind == "topk":
         ids = pad_right(pick("topk_ids"), 0, torch.long, width).to(device)
-        return TeacherSignal(topk_ids=ids, topk_logprobs=pad_right(pick("topk_logprobs"), 0.0, torch.float32, width).to(device))
-    return TeacherSignal(token_logprobs=pad_right(pick("token_logprobs"), 0.0, torch.float32, width).to(device))
+        return TeacherSignal(topk_ids=ids, topk_logprobs=pad_right(pick("topk_logprobs"), 0.0, torch.float32, width).to(device),
+                             demonstration_shift=shift)
+    return TeacherSignal(token_logprobs=pad_right(pick("token_logprobs"), 0.0, torch.float32, width).to(device),
+                         demonstration_shift=shift)
 
 
 class LearnerWorker(SyncGroupMember):
@@ -238,20 +246,31 @@ class LearnerWorker(SyncGroupMember):
         loss, metrics = distillation_loss(spec, logits, ids, mask, signal, rollout_lp.to(self.device))
         # How many units the micro-batch mean averaged over, to turn it back into a sum.
         loss_mask = response_loss_mask(mask, spec.skip_first_tokens)
-        count = float(loss_mask.sum() if spec.aggregation == "token_mean" else loss_mask.any(-1).sum())
+        if spec.aggregation == "sequence_mean":
+            count = float(loss_mask.any(-1).sum())
+        else:  # tokens, or their total weight under position weights
+            count = metrics.get("position_weight_sum", float(loss_mask.sum()))
         return loss, metrics, count
 
     @staticmethod
     def _lengths(trajs: list[Trajectories], rows: list[tuple[int, int]]) -> list[int]:
         return [len(trajs[p].prompt_ids[r]) + len(trajs[p].response_ids[r]) for p, r in rows]
 
-    def _normaliser(self, trajs: list[Trajectories], spec: LossSpec) -> tuple[float, float]:
-        """Global count (sequences with a loss token, or loss tokens) and this rank's share."""
+    def _normaliser(self, trajs: list[Trajectories], scores: list[TeacherScores] | None,
+                    spec: LossSpec) -> tuple[float, float]:
+        """Global count (sequences with a loss token; loss tokens, or their total position weight)
+        and this rank's share."""
         lengths = torch.as_tensor([len(r) for t in trajs for r in t.response_ids])
         width = int(lengths.max()) if len(lengths) else 1
         skip = 0 if self.supervised else spec.skip_first_tokens
         mask = response_loss_mask(torch.arange(width)[None] < lengths[:, None], skip)
-        local = float(mask.any(-1).sum() if spec.aggregation == "sequence_mean" else mask.sum())
+        if spec.aggregation == "sequence_mean":
+            local = float(mask.any(-1).sum())
+        elif spec.position_weights == "demonstration_shift" and scores is not None:
+            shift = pad_right([x for s in scores for x in s.demonstration_shift], 0.0, torch.float64, width)
+            local = float(torch.where(mask, shift_position_weights(shift, spec.shift_floor), 0.0).sum())
+        else:
+            local = float(mask.sum())
         return all_reduce_sum([local], self.device)[0], local
 
     @staticmethod
@@ -270,7 +289,7 @@ class LearnerWorker(SyncGroupMember):
         start = time.perf_counter()
         trajs, scores = self._load_parts(traj_refs, score_refs)
         spec = loss_spec(self.cfg)
-        total, _ = self._normaliser(trajs, spec)
+        total, _ = self._normaliser(trajs, scores, spec)
         rows = [(p, r) for p, t in enumerate(trajs) for r in range(len(t))]
         if len(rows) != self.cfg.sequences_per_learner:
             raise ValueError(f"learner {self.rank}: got {len(rows)} sequences, expected {self.cfg.sequences_per_learner}")

@@ -50,6 +50,8 @@ class RolloutWorker(WeightHolder, SyncGroupMember):
             finished=np.array([g.finished for g in gens], dtype=bool),
             rollout_topk_ids=[g.topk_ids for g in gens] if spec.topk_logprobs else None,
             contexts=None if shard.contexts is None else [shard.contexts[r] for r in rows],
+            contrast_prompt_ids=None if shard.contrast_prompt_ids is None
+            else [shard.contrast_prompt_ids[r] for r in rows],
         )
         receipt = traj.receipt(self.worker_index, time.perf_counter() - start)
         parts = traj.split(num_parts)

@@ -31,12 +31,14 @@ class TeacherScorer(WeightHolder, SyncGroupMember):
             self.model = load_causal_lm(model_folder, dtype, trust_remote_code).to(device).eval()
         self.tokenizer = load_tokenizer(model_folder, trust_remote_code)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.variant = None
+        self.variant, self.demonstration_shift = None, False
         if run_config is not None:
             from sdft_ray.config import RunConfig
             from sdft_ray.variants import get_variant
 
-            self.variant = get_variant(RunConfig.model_validate(run_config))
+            cfg = RunConfig.model_validate(run_config)
+            self.variant = get_variant(cfg)
+            self.demonstration_shift = cfg.loss.position_weights == "demonstration_shift"
         self.signal, self.top_k, self.micro_batch_size = signal, top_k, micro_batch_size
         self.transfer_dtype = torch_dtype(transfer_dtype)
         self.start_incarnation()
@@ -61,7 +63,8 @@ class TeacherScorer(WeightHolder, SyncGroupMember):
             scores = self.vllm.score_trajectories(traj, self.signal, self.top_k, self.version)
         else:
             scores = score_trajectories(self.model, traj, self.pad_id, self.signal, self.top_k,
-                                        self.micro_batch_size, self.transfer_dtype, self.version)
+                                        self.micro_batch_size, self.transfer_dtype, self.version,
+                                        demonstration_shift=self.demonstration_shift)
         receipt = ScoreReceipt(worker=self.worker_index, teacher_version=self.version, sequences=len(traj),
                                seconds=time.perf_counter() - start)
         return receipt, scores

@@ -107,6 +107,12 @@ class LossConfig(_Section):
         "sequence_mean", description="Token mean per sequence then batch mean, or one mean over all tokens."
     )
     is_clip: float | None = Field(None, gt=0, description="Clip of the rollout/learner importance ratio; null = off.")
+    position_weights: Literal["uniform", "demonstration_shift"] = Field(
+        "uniform", description="Weight of each response position in its sequence's loss: uniform, or by how far "
+                               "this example's demonstration moves the teacher there (KL of the teacher with it vs "
+                               "with another example's demonstration; framing any demonstration causes weighs ~0).")
+    shift_floor: float = Field(0.0, ge=0, description="demonstration_shift: weight = shift + floor (nats); a larger "
+                                                      "floor moves the weights toward uniform.")
 
 
 class LearnerConfig(_Section):
@@ -243,6 +249,9 @@ class RunConfig(_Section):
         if self.algorithm.variant != "sft" and self.loss.skip_first_tokens >= self.rollout.max_new_tokens:
             raise ValueError(f"loss.skip_first_tokens = {self.loss.skip_first_tokens} masks every response token "
                              f"(rollout.max_new_tokens = {self.rollout.max_new_tokens}): the loss would always be 0")
+        if self.loss.position_weights == "demonstration_shift" and self.teacher.engine != "hf":
+            raise ValueError("loss.position_weights 'demonstration_shift' scores each response twice with the "
+                             "teacher model: it needs teacher.engine 'hf'")
         if self.teacher.transfer_dtype != "float32" and self.loss.estimator != "full":
             raise ValueError(f"teacher.transfer_dtype = {self.teacher.transfer_dtype} applies to the full-vocabulary "
                              f"signal only; loss.estimator is {self.loss.estimator!r} (its log-probs travel in float32)")

@@ -198,25 +198,41 @@ def response_loss_mask(response_mask: Tensor, skip_first: int) -> Tensor:
 
 
 def aggregate(per_token: Tensor, mask: Tensor, mode: Aggregation,
-              seq_weights: Tensor | None = None) -> Tensor:
+              seq_weights: Tensor | None = None, position_weights: Tensor | None = None) -> Tensor:
     """Reduce ``[B, T]`` per-token values under a ``[B, T]`` mask to a scalar.
 
     ``sequence_mean``: mean over each sequence's valid tokens, then mean of ``w_i * seq_mean_i``
     over sequences with >= 1 valid token. ``token_mean``: ``sum(w_i * x_it) / #valid tokens``.
-    ``seq_weights`` (``[B]``, detached) default to 1. Returns 0 (still attached to ``per_token``)
-    when no token is valid. Masked entries never leak (not even inf/NaN).
+    ``seq_weights`` (``[B]``, detached) default to 1. ``position_weights`` (``[B, T]``, >= 0,
+    detached) turn both means into weighted means over positions: a sequence's mean is
+    ``sum_t v_t x_t / sum_t v_t`` (0 when its weights are all 0; it still counts as a sequence), and
+    ``token_mean`` divides by the total weight instead of the token count. Returns 0 (still
+    attached to ``per_token``) when no token is valid. Masked entries never leak (not even inf/NaN).
     """
     mask = mask.bool()
     values = torch.where(mask, per_token, torch.zeros_like(per_token))
     if seq_weights is not None:
         values = values * seq_weights.detach().to(values.dtype).unsqueeze(-1)
-    counts = mask.sum(-1)
+    counts = mask.sum(-1).to(values.dtype)
+    if position_weights is not None:
+        weights = torch.where(mask, position_weights.detach().to(values.dtype), 0.0)
+        values, counts = values * weights, weights.sum(-1)
     if mode == "token_mean":
-        return values.sum() / counts.sum().clamp(min=1)
+        total = counts.sum()
+        return values.sum() / torch.where(total > 0, total, torch.ones_like(total))
     if mode == "sequence_mean":
-        seq_means = values.sum(-1) / counts.clamp(min=1)
-        return seq_means.sum() / (counts > 0).sum().clamp(min=1)
+        seq_means = values.sum(-1) / torch.where(counts > 0, counts, torch.ones_like(counts))
+        return seq_means.sum() / mask.any(-1).sum().clamp(min=1)
     raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
+
+
+def shift_position_weights(shift: Tensor, floor: float) -> Tensor:
+    """``[B, T]`` position weights from the teacher's demonstration shift (nats, >= 0): ``shift +
+    floor``. Positions where the demonstration does not move the teacher (framing, formatting that
+    any demonstration causes) get ~``floor``; a large floor approaches uniform weights."""
+    if floor < 0:
+        raise ValueError(f"loss.shift_floor must be >= 0, got {floor}")
+    return shift.detach().clamp(min=0.0) + floor
 
 
 @torch.no_grad()
@@ -253,6 +269,8 @@ class LossSpec:
     skip_first_tokens: int = 3
     aggregation: Aggregation = "sequence_mean"
     is_clip: float | None = None     # None disables the importance correction
+    position_weights: str = "uniform"  # or "demonstration_shift" (TeacherSignal.demonstration_shift)
+    shift_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -269,6 +287,9 @@ class LossSpec:
             raise ValueError(f"loss.skip_first_tokens must be >= 0, got {self.skip_first_tokens}")
         if self.is_clip is not None and self.is_clip <= 0:
             raise ValueError(f"loss.is_clip must be > 0 or None, got {self.is_clip}")
+        if self.position_weights not in ("uniform", "demonstration_shift"):
+            raise ValueError(f"loss.position_weights must be 'uniform' or 'demonstration_shift', "
+                             f"got {self.position_weights!r}")
 
 
 @dataclass(frozen=True)
@@ -280,6 +301,7 @@ class TeacherSignal:
     topk_ids: Tensor | None = None
     topk_logprobs: Tensor | None = None
     token_logprobs: Tensor | None = None
+    demonstration_shift: Tensor | None = None  # [B, T] KL(teacher with c || teacher with another c)
 
     def __post_init__(self) -> None:
         if (self.topk_ids is None) != (self.topk_logprobs is None):
@@ -375,7 +397,13 @@ def distillation_loss(spec: LossSpec, student_logits: Tensor, response_ids: Tens
     if spec.is_clip is not None:
         assert rollout_logprobs is not None
         weights = importance_weights(student_tok.detach(), rollout_logprobs, mask, spec.is_clip)
-    loss = aggregate(per_token, mask, spec.aggregation, weights)
+    positions = None
+    if spec.position_weights == "demonstration_shift":
+        if teacher.demonstration_shift is None:
+            raise ValueError("loss.position_weights 'demonstration_shift' but the teacher sent no demonstration shift")
+        _check_shape("teacher.demonstration_shift", teacher.demonstration_shift, (B, T), ref)
+        positions = shift_position_weights(teacher.demonstration_shift.to(dtype), spec.shift_floor)
+    loss = aggregate(per_token, mask, spec.aggregation, weights, positions)
 
     with torch.no_grad():
         reward = torch.where(tok_valid, teacher_tok - student_tok.detach(), 0.0)
@@ -387,4 +415,8 @@ def distillation_loss(spec: LossSpec, student_logits: Tensor, response_ids: Tens
             used = weights[mask.any(-1)]  # sequences that contribute to the loss
             metrics["is_weight_sum"] = float(used.sum())
             metrics["is_weight_sequences"] = float(used.numel())
+        if teacher.demonstration_shift is not None:
+            metrics["shift_sum"] = float(torch.where(mask, teacher.demonstration_shift.to(dtype), 0.0).sum())
+        if positions is not None:
+            metrics["position_weight_sum"] = float(torch.where(mask, positions, 0.0).sum())
     return loss, metrics

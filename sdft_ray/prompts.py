@@ -7,6 +7,7 @@ prompts, only the teacher's last user turn is rewritten; earlier turns are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class TokenizedExample:
     teacher_prompt_ids: tuple[int, ...]
     demonstration_truncated: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+    contrast_prompt_ids: tuple[int, ...] | None = None  # the teacher prompt with another example's demonstration
 
 
 class PromptBuilder:
@@ -211,6 +213,24 @@ class PromptBuilder:
                                   f"{self.max_teacher_prompt_tokens} (prompts.overflow='error'; use "
                                   "'truncate_demonstration')", row=row, field="demonstration")
         return self._truncate(example)
+
+    def with_contrast_prompts(self, tokenized: Sequence[TokenizedExample], examples: Sequence[Example]
+                              ) -> list[TokenizedExample]:
+        """Give every kept example a contrast prompt: its query with the demonstration of the next
+        kept example (cyclic) whose demonstration differs - a fixed derangement, so the template's
+        framing is the same on both sides and only the demonstration's content differs."""
+        by_index = {ex.index: ex for ex in examples}
+        kept = [by_index[t.index] for t in tokenized]
+        out = []
+        for i, (tok, ex) in enumerate(zip(tokenized, kept)):
+            other = next((kept[(i + j) % len(kept)] for j in range(1, len(kept))
+                          if kept[(i + j) % len(kept)].demonstration != ex.demonstration), None)
+            if other is None:
+                raise DataError(ex.source.rpartition(":")[0] or ex.source, "a contrast prompt needs at least two "
+                                "different demonstrations in the data", field="demonstration")
+            contrast = self.fitted_teacher_ids(dataclasses.replace(ex, demonstration=other.demonstration))
+            out.append(dataclasses.replace(tok, contrast_prompt_ids=contrast))
+        return out
 
     def build(self, examples: Iterable[Example]) -> tuple[list[TokenizedExample], dict[str, int]]:
         """Tokenize ``examples``; returns the kept ones and ``{"kept", "dropped", "truncated"}`` counts."""

@@ -99,6 +99,10 @@ def prepare(cfg: RunConfig) -> PreparedRun:
                     len(examples), cfg.schedule.prompts_per_step)
     if variant.uses_rollout:
         check_sequence_length(cfg, model_folder, examples)
+        if cfg.loss.position_weights == "demonstration_shift" and examples[0].contrast_prompt_ids is None:
+            raise ValueError(f"loss.position_weights 'demonstration_shift' compares the teacher with this example's "
+                             f"demonstration and another's: algorithm.variant {cfg.algorithm.variant!r} does not put "
+                             "a demonstration in the teacher prompt")
     by_row = {ex.index: ex for ex in raw}
     contexts = {e.index: variant.context(by_row[e.index]) for e in examples} if variant.needs_context else None
     targets = None

@@ -84,9 +84,21 @@ def to_transfer_numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.to(dtype).view(torch.int16).numpy()
 
 
+def kl_by_position(logits: Tensor, other_logits: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+    """``[B, T]`` ``KL(softmax(logits) || softmax(other_logits))`` per position, in fp32, computed over
+    chunks of positions (no ``[B, T, V]`` fp32 tensor)."""
+    batch, width, vocab = logits.shape
+    out = torch.empty((batch, width), dtype=torch.float32, device=logits.device)
+    for cols in position_chunks(batch, width, vocab, chunk_elements):
+        p = logits[:, cols].float().log_softmax(-1)
+        q = other_logits[:, cols].float().log_softmax(-1)
+        out[:, cols] = (p.exp() * (p - q)).sum(-1)
+    return out
+
+
 def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_k: int,
                        micro_batch_size: int, transfer_dtype: torch.dtype, version: int,
-                       chunk_elements: int = CHUNK_ELEMENTS) -> TeacherScores:
+                       chunk_elements: int = CHUNK_ELEMENTS, demonstration_shift: bool = False) -> TeacherScores:
     """Run the teacher on ``teacher_prompt + response`` and keep what the loss needs.
 
     ``signal``: "full" (log-probs over the vocabulary, sent in ``transfer_dtype``), "topk_teacher"
@@ -94,7 +106,16 @@ def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_
     (sampled token). Sampled-token log-probs are always returned (for the implicit reward metric).
     Working memory beyond the model's own ``[B, T, V]`` logits is one chunk of positions
     (``chunk_elements`` fp32 entries) plus, for "full", the payload itself.
+
+    ``demonstration_shift``: also score every response with ``traj.contrast_prompt_ids`` (the same
+    query with another example's demonstration) and return, per position, how far this example's
+    demonstration moves the teacher: ``KL(teacher(.|x, c) || teacher(.|x, c_other))``. Framing that
+    any demonstration causes scores ~0; the positions where this demonstration's content matters
+    score high (``loss.position_weights: demonstration_shift``).
     """
+    if demonstration_shift and traj.contrast_prompt_ids is None:
+        raise ValueError("the demonstration shift needs trajectories with contrast prompts "
+                         "(loss.position_weights: demonstration_shift makes them)")
     if signal not in SIGNAL_KINDS:
         raise ValueError(f"teacher signal must be one of {sorted(SIGNAL_KINDS)}, got {signal!r}")
     if signal == "topk_student" and traj.rollout_topk_ids is None:
@@ -107,6 +128,8 @@ def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_
         out.full_logprobs = [None] * n
     if kind == "topk":
         out.topk_ids, out.topk_logprobs = [None] * n, [None] * n
+    if demonstration_shift:
+        out.demonstration_shift = [None] * n
     lengths = [len(p) + len(r) for p, r in zip(traj.teacher_prompt_ids, traj.response_ids)]
     with torch.no_grad():
         for rows in micro_batches(n, micro_batch_size, lengths):
@@ -133,6 +156,12 @@ def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_
                         if cols.start < t:
                             full[j][cols.start:min(cols.stop, t)] = normalised[j, : min(cols.stop, t) - cols.start]
                 parts.append(stats)
+            shift = None
+            if demonstration_shift:
+                other, _, _ = response_logits(model, [traj.contrast_prompt_ids[r] for r in rows],
+                                              [traj.response_ids[r] for r in rows], pad_id)
+                shift = kl_by_position(logits, other, chunk_elements).cpu()
+                del other
             token = torch.cat([p.token for p in parts], dim=1).cpu()  # one device->host copy per micro-batch
             if signal == "topk_teacher":
                 top_ids = torch.cat([p.topk_ids for p in parts], dim=1).cpu()
@@ -141,6 +170,8 @@ def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_
                 top_ids, top_lp = student_ids.cpu(), torch.cat([p.at_ids for p in parts], dim=1).cpu()
             for j, (r, t) in enumerate(zip(rows, steps)):
                 out.token_logprobs[r] = token[j, :t].numpy()
+                if shift is not None:
+                    out.demonstration_shift[r] = shift[j, :t].numpy()
                 if full is not None:
                     out.full_logprobs[r] = to_transfer_numpy(full[j], transfer_dtype)
                 elif kind == "topk":

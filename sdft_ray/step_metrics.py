@@ -17,6 +17,7 @@ RATIOS: dict[str, tuple[str, str]] = {
     "implicit_reward": ("reward_sum", "reward_tokens"),  # log pi(y|x,c) - log pi(y|x), per token
     "is_weight_mean": ("is_weight_sum", "is_weight_sequences"),
     "nll": ("nll_sum", "loss_tokens"),  # SFT
+    "teacher/demonstration_shift": ("shift_sum", "loss_tokens"),  # mean KL(teacher with c || with another c)
 }
 #: summed over ranks and logged as they are
 TOTALS = ("sequences", "response_tokens", "loss_tokens")

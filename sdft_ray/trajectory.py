@@ -26,6 +26,7 @@ class PromptShard:
     prompt_ids: list[np.ndarray]  # student prompt token ids
     teacher_prompt_ids: list[np.ndarray]  # demonstration-conditioned prompt token ids
     contexts: list[dict] | None = None  # prompt text + extra columns, for variants that build context late
+    contrast_prompt_ids: list[np.ndarray] | None = None  # teacher prompt with another example's demonstration
 
     @classmethod
     def of_examples(cls, step: int, seed: int, picks: list[tuple[int, int]], examples: list,
@@ -36,7 +37,9 @@ class PromptShard:
                    epoch=np.array([e for e, _ in picks], dtype=np.int64),
                    prompt_ids=[np.asarray(r.prompt_ids, dtype=np.int64) for r in rows],
                    teacher_prompt_ids=[np.asarray(r.teacher_prompt_ids, dtype=np.int64) for r in rows],
-                   contexts=[contexts[r.index] for r in rows] if contexts is not None else None)
+                   contexts=[contexts[r.index] for r in rows] if contexts is not None else None,
+                   contrast_prompt_ids=[np.asarray(r.contrast_prompt_ids, dtype=np.int64) for r in rows]
+                   if rows and rows[0].contrast_prompt_ids is not None else None)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -55,6 +58,7 @@ class PromptShard:
             prompt_ids=[self.prompt_ids[r] for r in rows],
             teacher_prompt_ids=[self.teacher_prompt_ids[r] for r in rows],
             contexts=None if self.contexts is None else [self.contexts[r] for r in rows],
+            contrast_prompt_ids=None if self.contrast_prompt_ids is None else [self.contrast_prompt_ids[r] for r in rows],
         )
 
 
@@ -74,6 +78,7 @@ class Trajectories:
     finished: np.ndarray  # [B] bool, stopped on a stop token (else hit max_new_tokens)
     rollout_topk_ids: list[np.ndarray] | None = None  # [T, k] int64, the sampler's top-k
     contexts: list[dict] | None = None  # see PromptShard.contexts
+    contrast_prompt_ids: list[np.ndarray] | None = None  # see PromptShard.contrast_prompt_ids
 
     @classmethod
     def of_demonstrations(cls, shard: PromptShard, responses: list[np.ndarray], policy_version: int) -> "Trajectories":
@@ -112,6 +117,7 @@ class Trajectories:
             finished=self.finished[rows],
             rollout_topk_ids=pick(self.rollout_topk_ids),
             contexts=pick(self.contexts),
+            contrast_prompt_ids=pick(self.contrast_prompt_ids),
         )
 
     def split(self, parts: int) -> list["Trajectories"]:
@@ -137,6 +143,7 @@ class TeacherScores:
     topk_ids: list[np.ndarray] | None = None  # [T, k]
     topk_logprobs: list[np.ndarray] | None = None  # [T, k]
     token_logprobs: list[np.ndarray] | None = None  # [T], always filled: log pi(y_t | x, c)
+    demonstration_shift: list[np.ndarray] | None = None  # [T] KL(teacher with c || teacher with another c)
     transfer_dtype: str = "float32"  # 16-bit full log-probs travel as raw int16 bit patterns
 
     def __len__(self) -> int:

@@ -162,10 +162,14 @@ def test_staleness_zero_is_the_synchronous_algorithm(controller_factory):
     {"estimator": "topk", "top_k": 5, "topk_source": "student", "tail_bucket": True},
     {"estimator": "topk", "top_k": 5, "topk_source": "teacher", "tail_bucket": False, "alpha": 0.5},
     {"estimator": "sampled", "alpha": 1.0, "is_clip": 2.0},
-], ids=["topk-student-tail", "topk-teacher-jsd", "sampled-reverse-kl"])
+    {"estimator": "full", "position_weights": "demonstration_shift", "shift_floor": 0.05, "aggregation": "token_mean"},
+], ids=["topk-student-tail", "topk-teacher-jsd", "sampled-reverse-kl", "full-shift-weighted"])
 def test_every_estimator_trains_end_to_end(controller_factory, loss):
     ctl = controller_factory(loss=loss, teacher={"kind": "frozen", "transfer_dtype": "bfloat16"},
                              learner={"lr": 1e-2}, **{k: v for k, v in PROBE.items() if k != "teacher"})
     # For the sampled estimator the loss is a policy-gradient surrogate: check the KL estimate.
     divergences = probe_losses(ctl, 3, metric="divergence")
     assert divergences[-1] < divergences[0], divergences
+    if loss.get("position_weights") == "demonstration_shift":  # the teacher sent its shift, the loss used it
+        history = ctl.run()["history"]
+        assert all(h["teacher/demonstration_shift"] > 0 for h in history)

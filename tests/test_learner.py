@@ -38,7 +38,9 @@ def make_batch(vocab: int, seed: int = 0) -> tuple[Trajectories, TeacherScores]:
                         response_ids=responses, rollout_logprobs=[np.zeros(n, np.float32) for n in RESPONSE_LENGTHS],
                         finished=np.ones(4, bool))
     scores = TeacherScores(teacher_version=0, kind="full", full_logprobs=[t.numpy() for t in teacher],
-                           token_logprobs=[np.zeros(n, np.float32) for n in RESPONSE_LENGTHS])
+                           token_logprobs=[np.zeros(n, np.float32) for n in RESPONSE_LENGTHS],
+                           demonstration_shift=[rng.exponential(1.0, size=n).astype(np.float32)
+                                                for n in RESPONSE_LENGTHS])
     return traj, scores
 
 
@@ -47,16 +49,18 @@ def whole_batch_reference(model_dir, traj: Trajectories, scores: TeacherScores, 
     model = load_causal_lm(model_dir, "float32")
     logits, ids, mask = response_logits(model, traj.prompt_ids, traj.response_ids, pad_id)
     teacher = pad_right(scores.full_logprobs, 0.0, torch.float32, ids.shape[1])
-    loss, _ = distillation_loss(spec, logits, ids, mask, TeacherSignal(full_logprobs=teacher))
+    shift = pad_right(scores.demonstration_shift, 0.0, torch.float32, ids.shape[1])
+    loss, _ = distillation_loss(spec, logits, ids, mask, TeacherSignal(full_logprobs=teacher, demonstration_shift=shift))
     loss.backward()
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     return float(loss.detach()), float(norm)
 
 
-def run_learners(model_dir, data_path, tmp_path, traj, scores, *, ranks: int, micro: int, aggregation: str):
+def run_learners(model_dir, data_path, tmp_path, traj, scores, *, ranks: int, micro: int, spec: LossSpec):
     cfg = tiny_config(model_dir, data_path, tmp_path / "run",
                       learner={"num_workers": ranks, "micro_batch_size": micro, "lr": 1e-2, "grad_clip": 1e9},
-                      loss={"aggregation": aggregation, "skip_first_tokens": 1},
+                      loss={"aggregation": spec.aggregation, "skip_first_tokens": spec.skip_first_tokens,
+                            "position_weights": spec.position_weights, "shift_floor": spec.shift_floor},
                       teacher={"kind": "frozen"}, schedule={"prompts_per_step": 4})
     res = ResourcesConfig(num_cpus=0.5, torch_threads=1)
     handles = [ray.remote(LearnerWorker).options(num_cpus=0.5, runtime_env=worker_runtime_env(res)).remote(
@@ -79,19 +83,22 @@ def select_scores(scores: TeacherScores, traj: Trajectories, part: Trajectories)
     """The teacher rows of ``part`` (a split of ``traj``: rows are matched by example index)."""
     rows = [int(np.flatnonzero(traj.example_index == i)[0]) for i in part.example_index]
     return TeacherScores(teacher_version=0, kind="full", full_logprobs=[scores.full_logprobs[r] for r in rows],
-                         token_logprobs=[scores.token_logprobs[r] for r in rows])
+                         token_logprobs=[scores.token_logprobs[r] for r in rows],
+                         demonstration_shift=[scores.demonstration_shift[r] for r in rows])
 
 
-@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
-def test_step_is_independent_of_micro_batches_and_ranks(ray_local, tiny_model_dir, tiny_data, tmp_path, aggregation):
+@pytest.mark.parametrize("aggregation,weights", [("sequence_mean", "uniform"), ("token_mean", "uniform"),
+                                                 ("token_mean", "demonstration_shift")])
+def test_step_is_independent_of_micro_batches_and_ranks(ray_local, tiny_model_dir, tiny_data, tmp_path, aggregation,
+                                                        weights):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     traj, scores = make_batch(len(tok))
-    spec = LossSpec(aggregation=aggregation, skip_first_tokens=1)
+    spec = LossSpec(aggregation=aggregation, skip_first_tokens=1, position_weights=weights, shift_floor=0.1)
     loss, norm = whole_batch_reference(tiny_model_dir, traj, scores, spec, tok.pad_token_id)
     runs = {(r, m): run_learners(tiny_model_dir, tiny_data, tmp_path / f"{r}x{m}", traj, scores, ranks=r, micro=m,
-                                 aggregation=aggregation)
+                                 spec=spec)
             for r, m in ((1, 4), (1, 1), (2, 1))}
     for (ranks, micro), (metrics, _) in runs.items():
         where = f"{ranks} rank(s), micro-batch {micro}"
@@ -128,6 +135,6 @@ def test_normaliser_reduces_the_tensor_it_reads_back(monkeypatch):
                         sample_index=np.zeros(2, int), prompt_ids=[np.ones(2), np.ones(2)],
                         teacher_prompt_ids=[np.ones(2), np.ones(2)], response_ids=[np.ones(4), np.ones(1)],
                         rollout_logprobs=[np.zeros(4), np.zeros(1)], finished=np.ones(2, bool))
-    total, local = learner._normaliser([traj], LossSpec(aggregation="token_mean", skip_first_tokens=1))
+    total, local = learner._normaliser([traj], None, LossSpec(aggregation="token_mean", skip_first_tokens=1))
     assert (total, local) == (6.0, 3.0)  # 3 local loss tokens + 3 on the other rank
     assert all_reduce_sum([2.0], torch.device("cuda")) == [5.0]

@@ -476,3 +476,65 @@ def test_fused_forward_kl_equals_the_generic_path() -> None:
     x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.log_softmax(torch.randn(2, 3, 7, generator=g, dtype=torch.float64), -1)
     assert torch.autograd.gradcheck(lambda z: L._ForwardKLFromLogits.apply(z, t), (x,))
+
+
+# ---- position weights by the demonstration shift ---------------------------------------------------
+
+@pytest.mark.parametrize("mode", L.AGGREGATIONS)
+def test_position_weighted_aggregate_matches_a_loop(mode: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    w = torch.rand(3, 5, generator=g, dtype=torch.float64)
+    w[2] = 0.0  # a sequence the demonstration never moves: contributes 0, still counts as a sequence
+    w[0, 4] = 100.0  # a masked position: never counts, whatever its weight
+    if mode == "token_mean":
+        num = sum(float(w[b, t] * x[b, t]) for b in range(3) for t in range(5) if mask[b, t])
+        den = sum(float(w[b, t]) for b in range(3) for t in range(5) if mask[b, t])
+        expected = num / den
+    else:
+        means = []
+        for b in range(3):
+            den = sum(float(w[b, t]) for t in range(5) if mask[b, t])
+            means.append(sum(float(w[b, t] * x[b, t]) for t in range(5) if mask[b, t]) / den if den else 0.0)
+        expected = sum(means) / 3
+    assert float(L.aggregate(x, mask, mode, position_weights=w)) == pytest.approx(expected, rel=1e-12)
+    ones = torch.ones_like(w)
+    assert float(L.aggregate(x, mask, mode, position_weights=ones)) == pytest.approx(float(L.aggregate(x, mask, mode)))
+
+
+def test_demonstration_shift_weighting_moves_the_gradient_to_where_the_demonstration_matters() -> None:
+    """Hand-made: position 0 is framing (teacher far from the student, but any demonstration causes
+    it: shift 0), position 2 holds the answer (shift 5 nats). Uniform weights put most of the
+    gradient on the framing; demonstration-shift weights put (nearly) all of it on the answer."""
+    vocab = 6
+    logits = torch.zeros(1, 3, vocab, dtype=torch.float64, requires_grad=True)
+    teacher = torch.full((1, 3, vocab), -20.0, dtype=torch.float64)
+    teacher[0, 0, 1] = 0.0  # framing: the teacher wants token 1 where the student is uniform
+    teacher[0, 1] = math.log(1 / vocab)  # agreement
+    teacher[0, 2, 4] = 0.0  # the answer: token 4
+    teacher = teacher.log_softmax(-1)
+    shift = torch.tensor([[0.0, 0.0, 5.0]], dtype=torch.float64)
+    ids, mask = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool)
+    grads = {}
+    for weighting in ("uniform", "demonstration_shift"):
+        spec = LossSpec(skip_first_tokens=0, position_weights=weighting, shift_floor=0.01)
+        signal = TeacherSignal(full_logprobs=teacher, demonstration_shift=shift)
+        loss, metrics = distillation_loss(spec, logits, ids, mask, signal)
+        (grads[weighting],) = torch.autograd.grad(loss, logits)
+        assert metrics["shift_sum"] == pytest.approx(5.0)
+    framing, answer = grads["uniform"][0, 0].norm(), grads["uniform"][0, 2].norm()
+    assert framing == pytest.approx(answer)  # equal pulls under uniform weights (same divergence)
+    weighted = grads["demonstration_shift"]
+    assert weighted[0, 0].norm() < 0.01 * weighted[0, 2].norm()
+    # the answer position's pull toward token 4, weight 5.01 / 5.03 of the sequence's loss
+    assert float(-weighted[0, 2, 4]) == pytest.approx((5.01 / 5.03) * (1 - 1 / vocab), rel=1e-3)
+
+
+def test_shift_weighting_needs_the_teachers_shift() -> None:
+    bt = make_batch(0)
+    with pytest.raises(ValueError, match="sent no demonstration shift"):
+        distillation_loss(LossSpec(position_weights="demonstration_shift"), bt.logits, bt.ids, bt.mask,
+                          TeacherSignal(full_logprobs=bt.teacher_logp))
+    with pytest.raises(ValueError, match="position_weights"):
+        LossSpec(position_weights="answer_only")

@@ -221,3 +221,19 @@ def test_tokenizer_helper(tok) -> None:
     ids = tok("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[-1] == tok.eos_token_id
     assert max(tok("ünïcode 日本 {}", add_special_tokens=False)["input_ids"]) < len(tok)
+
+
+def test_contrast_prompts_swap_in_another_examples_demonstration(tok) -> None:
+    """Each example's contrast prompt = its own query with the next different demonstration (cyclic):
+    only the demonstration's content differs from its teacher prompt."""
+    rows = [Example(0, "Capital of A?", "A's capital is Xo.", "f:0"), Example(1, "Capital of B?", "B's is Ya.", "f:1"),
+            Example(2, "Capital of C?", "B's is Ya.", "f:2"), Example(3, "Capital of D?", "D's is Zu.", "f:3")]
+    builder = PromptBuilder(tok, max_prompt_tokens=64, max_teacher_prompt_tokens=128)
+    kept, _ = builder.build(rows)
+    out = builder.with_contrast_prompts(kept, rows)
+    used = ["B's is Ya.", "D's is Zu.", "D's is Zu.", "A's capital is Xo."]  # 2 skips 3: same demonstration
+    for row, tokenized, demo in zip(rows, out, used):
+        assert tokenized.contrast_prompt_ids == builder.teacher_ids(row, demo)
+        assert tokenized.teacher_prompt_ids == builder.teacher_ids(row)
+    with pytest.raises(DataError, match="two different demonstrations"):
+        builder.with_contrast_prompts(kept[1:3], rows[1:3])

@@ -145,3 +145,29 @@ def test_topk_student_needs_rollout_ids(model):
         score_trajectories(model, traj, 0, "topk_student", K, 2, torch.float32, 0)
     with pytest.raises(ValueError, match="signal"):
         score_trajectories(model, traj, 0, "bogus", K, 2, torch.float32, 0)
+
+
+@pytest.mark.parametrize("chunk_positions", [1, 1000])
+def test_demonstration_shift_is_the_kl_between_the_two_teacher_prompts(model, chunk_positions):
+    """Per position: KL(teacher on its own prompt || teacher on the contrast prompt), against two
+    unpadded float64 forwards per row."""
+    import dataclasses
+
+    vocab = model.config.vocab_size
+    traj = _trajectories(vocab)
+    contrast = _trajectories(vocab, seed=1).teacher_prompt_ids  # other prompts, same responses
+    traj = dataclasses.replace(traj, contrast_prompt_ids=contrast)
+    scores = score_trajectories(model, traj, pad_id=0, signal="sampled", top_k=K, micro_batch_size=2,
+                                transfer_dtype=torch.float32, version=0,
+                                chunk_elements=chunk_positions * 2 * vocab, demonstration_shift=True)
+    true = _reference(model, traj)
+    other = _reference(model, dataclasses.replace(traj, teacher_prompt_ids=contrast))
+    for r, (p, q) in enumerate(zip(true, other)):
+        expected = (p.exp() * (p - q)).sum(-1)
+        assert scores.demonstration_shift[r].shape == (len(traj.response_ids[r]),)
+        np.testing.assert_allclose(scores.demonstration_shift[r], expected.numpy(), rtol=1e-4, atol=1e-5)
+    same = score_trajectories(model, dataclasses.replace(traj, contrast_prompt_ids=traj.teacher_prompt_ids), 0,
+                              "sampled", K, 2, torch.float32, 0, demonstration_shift=True)
+    assert all(np.abs(s).max(initial=0.0) < 1e-5 for s in same.demonstration_shift)  # same prompt: no shift
+    with pytest.raises(ValueError, match="contrast prompts"):
+        score_trajectories(model, _trajectories(vocab), 0, "sampled", K, 2, torch.float32, 0, demonstration_shift=True)

@@ -31,7 +31,10 @@ class Variant:
         self.cfg = cfg
 
     def tokenize(self, builder: PromptBuilder, examples: Sequence[Example]) -> tuple[list[TokenizedExample], dict]:
-        return builder.build(examples)
+        kept, stats = builder.build(examples)
+        if self.cfg.loss.position_weights == "demonstration_shift":
+            kept = builder.with_contrast_prompts(kept, examples)
+        return kept, stats
 
     def teacher_prompts(self, traj, tokenizer) -> list[np.ndarray] | None:
         return None
