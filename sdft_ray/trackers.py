@@ -68,6 +68,7 @@ class WandbLogger:
             id=run.resume_id, resume="allow" if run.resume_id else None, allow_val_change=run.resume_id is not None,
             dir=os.environ.get("WANDB_DIR") or str(run.run_dir))
         self.run_id: str = self._run.id
+        self._wandb = wandb
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         # wandb keeps the first value of a step: after a resume from an earlier checkpoint, the
@@ -76,6 +77,11 @@ class WandbLogger:
 
     def close(self) -> None:
         self._run.finish()
+        # finish() returns once wandb-core has the run's exit, but wandb-core writes the rest of
+        # the run's record log (run-<id>.wandb, all an offline run has) and closes it only when
+        # it gets to the finish notice, after finish() has returned. teardown() waits for that
+        # (and stops wandb-core; a later wandb.init starts a new one).
+        self._wandb.teardown()
 
 
 class MlflowLogger:

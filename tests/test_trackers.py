@@ -8,7 +8,9 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import tiny_config
@@ -122,6 +124,31 @@ def test_wandb_offline_run_holds_the_metrics_and_resumes_the_same_run(tmp_path, 
     log.close()
     first, second = offline_runs(wandb_offline)
     assert second.run_id == run_id and second.history == {4: {"loss": 0.2}}
+
+
+def test_wandb_offline_run_is_whole_on_disk_when_close_returns(tmp_path, wandb_offline, monkeypatch):
+    """When close() returns, no process of ours still has the run's record log open (wandb-core
+    writes its tail and closes it only when it handles run.finish()'s notice, asynchronously;
+    here it never gets one) and the log reads back whole: past 32 KiB blocks, with a record across
+    block boundaries (a 40 kB run name)."""
+    from wandb.sdk.lib.service.service_connection import ServiceConnection
+
+    monkeypatch.setattr(ServiceConnection, "inform_finish", lambda self, run_id: None)
+    name = "n" * 40_000
+    cfg = output_config(tmp_path, loggers=["wandb"], run_name=name)
+    run_dir = tmp_path / "run"
+    log = MetricsLogger.from_config(cfg, run_dir)
+    for step in range(1, 301):
+        log.log(step, {"loss": 1.0 / step, "divergence": step / 1024})
+    log.close()
+    (folder,) = Path(wandb_offline, "wandb").glob("offline-run-*")
+    (path,) = folder.glob("run-*.wandb")
+    assert [p.name() for p in psutil.Process().children(recursive=True)
+            if any(f.path == str(path) for f in p.open_files())] == []
+    (run,) = offline_runs(wandb_offline)
+    assert path.stat().st_size > 2 * 32 * 1024
+    assert run.run_id == json.loads((run_dir / "trackers.json").read_text())["wandb"] and run.name == name
+    assert run.history == jsonl_scalars(run_dir) and len(run.history) == 300
 
 
 def test_missing_tracker_package_names_the_key_and_the_install(monkeypatch, tmp_path):
