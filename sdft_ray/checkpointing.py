@@ -115,7 +115,7 @@ def restore(ctl: Controller, checkpoint: Path) -> list[Batch]:
             group.push(WeightHandle(meta["version"], meta["kind"], "file",
                                     (str(checkpoint / f"weights_{role}.safetensors"),)))
         elif version > 0:  # the learner's current weights (version 0 = the model folder, as started)
-            ctl.sync_group(group, version)
+            ctl.groups.push(group, version)
     if not state.get("in_flight"):
         return []
     payloads = {p["step"]: p for p in ctl.learners.call("load_batches", str(checkpoint))}

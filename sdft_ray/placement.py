@@ -28,12 +28,13 @@ class Placement:
     learner: RoleSlots
 
 
-def reserve(cfg: RunConfig, generating: bool) -> Placement:
-    """Reserve the bundles of every role (rollout and teacher only when the variant generates);
+def reserve(cfg: RunConfig, generating: bool, extra_teachers: int = 0) -> Placement:
+    """Reserve the bundles of every role (rollout and teacher only when the variant generates;
+    ``extra_teachers`` more teacher bundles for teacher groups beside the run's own, after its);
     a cluster that cannot hold them is an error naming the resources, not a hang."""
     pc = cfg.placement
     counts = {"rollout": cfg.rollout.num_workers if generating else 0,
-              "teacher": cfg.teacher.num_workers if generating else 0,
+              "teacher": cfg.teacher.num_workers + extra_teachers if generating else 0,
               "learner": cfg.learner.num_workers}
     bundles, slots, first = [], {}, 0
     for role, count in counts.items():

@@ -99,8 +99,10 @@ Deliver = Callable[["RoleGroup", Member], None]
 class RoleGroup:
     """The actors of one role (``rollout`` or ``teacher``) and the weights they must hold."""
 
-    def __init__(self, role: str, handles: Sequence[Any], *, max_restarts: int, timeout_s: float):
+    def __init__(self, role: str, handles: Sequence[Any], *, max_restarts: int, timeout_s: float,
+                 weights_kind: str = "student"):
         self.role = role
+        self.weights_kind = weights_kind  # the learner weights it follows: student, or a teacher's ema/live/frozen
         self.members = [Member(i, h) for i, h in enumerate(handles)]
         self.max_restarts = max_restarts
         self.timeout_s = timeout_s

@@ -29,13 +29,17 @@ class Batch:
     rollout_refs: list[list[ray.ObjectRef]] = field(default_factory=list)  # [worker] -> [receipt, part_0..]
     score_refs: list[list[list[ray.ObjectRef]]] = field(default_factory=list)  # [worker][part] -> [receipt, scores]
     stats: dict[str, Any] | None = None  # rollout/teacher statistics, once collected
+    # other teacher groups' scores of the same rows: name -> ([worker][part] -> [receipt, scores], prompts ref)
+    extra_scores: dict[str, tuple[list[list[list[ray.ObjectRef]]], Any]] = field(default_factory=dict)
 
     def trajectory_refs(self, part: int) -> list[ray.ObjectRef]:
         """Learner shard ``part`` of every rollout worker's output."""
         return [refs[1 + part] for refs in self.rollout_refs]
 
-    def score_refs_for(self, part: int) -> list[ray.ObjectRef]:
-        return [parts[part][1] for parts in self.score_refs]
+    def scores(self, teacher: str = "teacher") -> list[list[ray.ObjectRef]]:
+        """``[worker][part]`` refs to a teacher group's scores (the run's own: ``teacher``)."""
+        refs = self.score_refs if teacher == "teacher" else self.extra_scores[teacher][0]
+        return [[pair[1] for pair in parts] for parts in refs]
 
 
 class Pipeline:

@@ -178,3 +178,26 @@ def score_trajectories(model, traj: Trajectories, pad_id: int, signal: str, top_
                     out.topk_ids[r] = top_ids[j, :t].numpy()
                     out.topk_logprobs[r] = top_lp[j, :t].numpy()
     return out
+
+
+def mix_scores(first: TeacherScores, second: TeacherScores, weight: float) -> TeacherScores:
+    """The mixture ``weight * p_first + (1 - weight) * p_second`` of two teachers' distributions on
+    the same rows, as log-probs: ``log(w e^a + (1 - w) e^b)`` per position (full vocabulary) and for
+    the sampled tokens (exact: the mixture's probability of a token is the mix of theirs). For a loop
+    that distils from two teacher groups (``sdft_ray.groups``, docs/variants.md)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"mixture weight must be in [0, 1], got {weight}")
+    if first.kind != second.kind or first.kind == "topk" or len(first) != len(second):
+        raise ValueError(f"mixing needs two full-vocabulary or two sampled-token scores of the same rows, got "
+                         f"{first.kind} ({len(first)} rows) and {second.kind} ({len(second)} rows)")
+    lw, lv = (np.log(weight) if weight > 0 else -np.inf), (np.log1p(-weight) if weight < 1 else -np.inf)
+
+    def mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.logaddexp(lw + a.astype(np.float64), lv + b.astype(np.float64)).astype(np.float32)
+
+    full = None
+    if first.kind == "full":
+        full = [mix(first.as_float(a), second.as_float(b)) for a, b in zip(first.full_logprobs, second.full_logprobs)]
+    return TeacherScores(teacher_version=min(first.teacher_version, second.teacher_version), kind=first.kind,
+                         full_logprobs=full,
+                         token_logprobs=[mix(a, b) for a, b in zip(first.token_logprobs, second.token_logprobs)])

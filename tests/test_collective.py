@@ -175,7 +175,7 @@ def test_actor_restarted_while_idle_is_rejoined_before_the_broadcast(ray_local, 
     membership: the controller must notice before broadcasting, or learner rank 0 would wait for it
     until the time-out (60 s here, which would fail the run)."""
     ctl = _started_controller(tiny_model_dir, tmp_path, steps=3)
-    real_push, kills = ctl.sync.push, []
+    real_push, kills = ctl.groups.weight_sync.push, []
     first = [m.sync_token for m in ctl.rollout.members]
 
     def kill_then_push(group, kind, version):
@@ -192,7 +192,7 @@ def test_actor_restarted_while_idle_is_rejoined_before_the_broadcast(ray_local, 
             kills.append(ctl.step)
         real_push(group, kind, version)
 
-    ctl.sync.push = kill_then_push
+    ctl.groups.weight_sync.push = kill_then_push
     try:
         history = ctl.run()["history"]
         held = _held(ctl)

@@ -16,6 +16,7 @@ from actors.rollout import RolloutWorker
 from conftest import tiny_config, write_facts
 from sdft_ray.controller import Controller
 from sdft_ray.errors import ActorApplicationError
+from sdft_ray.groups import RunGroups
 from sdft_ray.runner import prepare, train
 
 pytestmark = pytest.mark.slow
@@ -112,7 +113,7 @@ class BrokenRollout(RolloutWorker):
 
 
 def test_an_actor_error_stops_the_run_with_its_traceback(ray_local, tiny_model_dir, tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(Controller, "rollout_actor", BrokenRollout)
+    monkeypatch.setattr(RunGroups, "rollout_actor", BrokenRollout)
     cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", schedule={"max_steps": 3},
                       fault_tolerance={"max_actor_restarts": 3, "call_timeout_s": 120})
     ctl = started(cfg)

@@ -101,7 +101,7 @@ def test_roles_run_on_their_pinned_nodes(three_nodes, tiny_model_dir, tiny_data,
     try:
         ctl.start()
         # Bundles: rollout workers first, then teachers, then learners (Controller.start).
-        bundle_nodes = ray.util.placement_group_table(ctl.placement.group)["bundles_to_node_id"]
+        bundle_nodes = ray.util.placement_group_table(ctl.groups.placement.group)["bundles_to_node_id"]
         placed = {"rollout": bundle_nodes[0], "teacher": bundle_nodes[1], "learner": bundle_nodes[2]}
         assert placed == node_ids, (placed, node_ids)
         assert ray.get(ctl.rollout[0].ready.remote(), timeout=120)["pid"]

@@ -171,3 +171,25 @@ def test_demonstration_shift_is_the_kl_between_the_two_teacher_prompts(model, ch
     assert all(np.abs(s).max(initial=0.0) < 1e-5 for s in same.demonstration_shift)  # same prompt: no shift
     with pytest.raises(ValueError, match="contrast prompts"):
         score_trajectories(model, _trajectories(vocab), 0, "sampled", K, 2, torch.float32, 0, demonstration_shift=True)
+
+
+def test_mixing_two_teachers_is_the_mixture_of_their_distributions():
+    from sdft_ray.scoring import mix_scores
+    from sdft_ray.trajectory import TeacherScores
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(3, 5, generator=g, dtype=torch.float64).log_softmax(-1) for _ in range(2)]
+    other = [torch.randn(3, 5, generator=g, dtype=torch.float64).log_softmax(-1) for _ in range(2)]
+    make = lambda lp, v: TeacherScores(teacher_version=v, kind="full", full_logprobs=[x.float().numpy() for x in lp],  # noqa: E731
+                                       token_logprobs=[x[:, 0].float().numpy() for x in lp])
+    mixed = mix_scores(make(rows, 4), make(other, 2), 0.25)
+    for r in range(2):
+        expected = (0.25 * rows[r].exp() + 0.75 * other[r].exp()).log()  # by hand, in probabilities
+        np.testing.assert_allclose(mixed.full_logprobs[r], expected.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mixed.token_logprobs[r], expected[:, 0].numpy(), rtol=1e-5, atol=1e-6)
+        assert np.allclose(np.exp(mixed.full_logprobs[r]).sum(-1), 1.0, atol=1e-5)  # still a distribution
+    assert mixed.teacher_version == 2
+    np.testing.assert_allclose(mix_scores(make(rows, 0), make(other, 0), 1.0).full_logprobs[0], rows[0].numpy(),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="mixing needs"):
+        mix_scores(make(rows, 0), TeacherScores(0, "topk", topk_ids=[], topk_logprobs=[], token_logprobs=[]), 0.5)
