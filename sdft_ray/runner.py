@@ -17,7 +17,7 @@ from sdft_ray.checkpoint import CheckpointManager, resolve_resume
 from sdft_ray.config import RunConfig
 from sdft_ray.data import load_examples
 from sdft_ray.models import load_tokenizer, resolve_model_path
-from sdft_ray.prompts import PromptBuilder, TokenizedExample
+from sdft_ray.prompts import PromptBuilder, TokenizedExample, resolve_template
 
 log = logging.getLogger("sdft_ray")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ class PreparedRun:
 
 def prompt_builder(cfg: RunConfig, tokenizer) -> PromptBuilder:
     p = cfg.prompts
-    return PromptBuilder(tokenizer, teacher_template=p.teacher_template, system_prompt=p.system_prompt,
+    return PromptBuilder(tokenizer, teacher_template=resolve_template(p.teacher_template), system_prompt=p.system_prompt,
                          use_chat_template=p.use_chat_template, max_prompt_tokens=p.max_prompt_tokens,
                          max_teacher_prompt_tokens=p.max_teacher_prompt_tokens, overflow=p.overflow)
 

@@ -111,3 +111,32 @@ def test_fuzzed_configs_fail_cleanly(sections):
         assert "invalid config (fuzz)" in str(exc)
     else:
         assert isinstance(cfg, RunConfig)
+
+
+def test_teacher_template_by_name_round_trips_through_a_dump(tmp_path):
+    from sdft_ray.prompts import TEACHER_TEMPLATES
+
+    assert load_config(None).prompts.teacher_template == "paper"  # the paper's template by default
+    for name in TEACHER_TEMPLATES:
+        cfg = load_config(None, [f"prompts.teacher_template={name}"])
+        dumped = tmp_path / f"{name}.yaml"
+        dumped.write_text(cfg.to_yaml())
+        assert f"teacher_template: {name}" in cfg.to_yaml()  # the dump shows the name, not the text
+        assert load_config(dumped).prompts.teacher_template == name
+    literal = "Question {prompt} - reference {demonstration}"
+    assert load_config(None, [f"prompts.teacher_template='{literal}'"]).prompts.teacher_template == literal
+
+
+@pytest.mark.parametrize("value", ["papr", "'{prompt} without a demonstration'"])
+def test_unknown_template_name_is_an_error_naming_the_field_and_the_names(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"prompts.teacher_template={value}"])
+    assert "prompts.teacher_template" in str(err.value) and "paper_no_thinking" in str(err.value)
+    assert err.value.field == "prompts.teacher_template"
+
+
+@pytest.mark.parametrize("override", ["probe.gate=maybe", "probe.num_examples=1", "probe.numexamples=4"])
+def test_probe_section_errors_name_the_field(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(err.value)
