@@ -39,6 +39,7 @@ from sdft_ray.config import RunConfig
 from sdft_ray.data import EpochSampler
 from sdft_ray.metrics import MetricsLogger, Progress
 from sdft_ray.prompts import TokenizedExample
+from sdft_ray.run_checks import TRUNCATION_WINDOW, TruncationWatch
 from sdft_ray.trajectory import PromptShard, RolloutReceipt, Trajectories
 from sdft_ray.variants import get_variant
 from sdft_ray.weights import WeightHandle
@@ -468,6 +469,7 @@ class Controller:
         next_launch = self.step + 1
         last_step = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         history: list[dict[str, Any]] = []
+        truncation = TruncationWatch(cfg.rollout.max_new_tokens, window=min(TRUNCATION_WINDOW, self.total_steps))
         run_start = time.perf_counter()
         try:
             while self.step < last_step:
@@ -507,6 +509,8 @@ class Controller:
                     "restarts/rollout": self.restarts["rollout"],
                     "restarts/teacher": self.restarts["teacher"],
                 }
+                if warning := truncation.observe(self.step, record["rollout/finished_fraction"]):
+                    log.warning(warning)
                 if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0 or (
                         cfg.output.save_final and self.step == self.total_steps):
                     t_ckpt = time.perf_counter()

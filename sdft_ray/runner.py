@@ -99,6 +99,10 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
     from sdft_ray.controller import LearnerFailure
 
     prepared = prepare(cfg)
+    if cfg.probe.gate != "off":  # the teacher check, in this process, before any actor starts
+        from sdft_ray.probe import gate_run
+
+        gate_run(cfg)
     init_ray(cfg)
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
