@@ -38,7 +38,7 @@ from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.config import RunConfig
 from sdft_ray.data import Example, load_examples
 from sdft_ray.engines import Generation, SamplingSpec
-from sdft_ray.errors import ConfigError
+from sdft_ray.errors import ConfigError, DataError
 from sdft_ray.evaluation.metrics import contains
 from sdft_ray.forward import micro_batches, response_logits
 from sdft_ray.losses import divergence_from_logprobs, full_vocab_divergence
@@ -200,6 +200,13 @@ def run_probe(cfg: RunConfig, *, num_examples: int | None = None, model_folder: 
     n = len(kept)
     column = cfg.probe.reference_column
     references = [ex.extra.get(column) if column else None for ex in kept]
+    for ex, ref in zip(kept, references):  # a bad reference fails before any model loads
+        try:
+            contains("", ref) if ref is not None else None
+        except TypeError as exc:
+            file, _, row = ex.source.rpartition(":")
+            raise DataError(file, f"probe.reference_column: not a reference answer for the contains metric ({exc})",
+                            row=int(row) if row.isdigit() else None, field=column) from None
     others = [kept[(j + 1) % n] for j in range(n)]  # a cyclic shift: nobody keeps its own demonstration
     with_shift = variant.requires_demonstration and all(ex.demonstration for ex in kept)
     other_prompts = [builder.teacher_ids(ex, other.demonstration) for ex, other in zip(kept, others)] \
@@ -230,7 +237,9 @@ def run_probe(cfg: RunConfig, *, num_examples: int | None = None, model_folder: 
             student_greedy=answers["student", "greedy"], student_sampled=answers["student", "sampled"],
             teacher_greedy=answers["teacher", "greedy"], teacher_sampled=answers["teacher", "sampled"],
             divergence=divergence[j], shift=None if shift is None else shift[j]))
-    del models
+    del models  # free the weights (and GPU memory) before training starts in this process
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
     skip, window = cfg.loss.skip_first_tokens, cfg.probe.framing_window
     summary = summarise(rows, skip=skip, window=window, aggregation=cfg.loss.aggregation)

@@ -361,6 +361,18 @@ def test_json_holds_every_number_printed(probed):
     assert saved["rows"][0]["divergence"] == report.rows[0].divergence
 
 
+def test_a_reference_the_metric_cannot_read_is_a_data_error(tiny_model_dir, tmp_path):
+    from sdft_ray.errors import DataError
+
+    data = write_data(tmp_path / "f.jsonl")
+    rows = data.read_text().splitlines()
+    rows[1] = json.dumps({**json.loads(rows[1]), "answer": {"city": "Tirrik"}})
+    data.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as err:
+        run_probe(probe_config(tiny_model_dir, data, tmp_path / "run"), num_examples=6, echo=lambda _: None)
+    assert err.value.row == 1 and err.value.field == "answer" and "f.jsonl" in str(err.value)
+
+
 # --------------------------------------------------------------------------- the gate
 
 
