@@ -202,7 +202,8 @@ def run_probe(cfg: RunConfig, *, num_examples: int | None = None, model_folder: 
     references = [ex.extra.get(column) if column else None for ex in kept]
     for ex, ref in zip(kept, references):  # a bad reference fails before any model loads
         try:
-            contains("", ref) if ref is not None else None
+            if ref is not None:
+                contains("", ref)
         except TypeError as exc:
             file, _, row = ex.source.rpartition(":")
             raise DataError(file, f"probe.reference_column: not a reference answer for the contains metric ({exc})",
@@ -220,23 +221,24 @@ def run_probe(cfg: RunConfig, *, num_examples: int | None = None, model_folder: 
                            seed=cfg.schedule.seed)
     student_prompts = [t.prompt_ids for t in tokenized]
     teacher_prompts = [t.teacher_prompt_ids for t in tokenized]
-    generated = {}
-    for role, engine, prompts in (("student", models.student, student_prompts),
-                                  ("teacher", models.teacher, teacher_prompts)):
-        for decoding, spec in (("greedy", greedy), ("sampled", sampled)):
-            generated[role, decoding] = _generate(engine, prompts, spec, f"{role} {decoding}", echo)
-    responses = [g.token_ids for g in generated["student", "sampled"]]
-    divergence, shift = _per_position(models, student_prompts, teacher_prompts, other_prompts, responses,
-                                      cfg.loss.alpha, cfg.teacher.micro_batch_size, echo)
-    rows = []
-    for j, ex in enumerate(kept):
-        answers = {key: _answer(gens[j], models.tokenizer, references[j]) for key, gens in generated.items()}
-        rows.append(ProbeRow(
-            index=ex.index, source=ex.source, prompt=_query(ex), demonstration=ex.demonstration,
-            reference=references[j], other_index=others[j].index if with_shift else None,
-            student_greedy=answers["student", "greedy"], student_sampled=answers["student", "sampled"],
-            teacher_greedy=answers["teacher", "greedy"], teacher_sampled=answers["teacher", "sampled"],
-            divergence=divergence[j], shift=None if shift is None else shift[j]))
+
+    def answers(engine, prompts, spec, label) -> list[Answer]:
+        gens = _generate(engine, prompts, spec, label, echo)
+        return [_answer(g, models.tokenizer, ref) for g, ref in zip(gens, references)]
+
+    student_greedy = answers(models.student, student_prompts, greedy, "student greedy")
+    student_sampled = answers(models.student, student_prompts, sampled, "student sampled")
+    teacher_greedy = answers(models.teacher, teacher_prompts, greedy, "teacher greedy")
+    teacher_sampled = answers(models.teacher, teacher_prompts, sampled, "teacher sampled")
+    divergence, shift = _per_position(models, student_prompts, teacher_prompts, other_prompts,
+                                      [a.token_ids for a in student_sampled], cfg.loss.alpha,
+                                      cfg.teacher.micro_batch_size, echo)
+    rows = [ProbeRow(index=ex.index, source=ex.source, prompt=_query(ex), demonstration=ex.demonstration,
+                     reference=references[j], other_index=others[j].index if with_shift else None,
+                     student_greedy=student_greedy[j], student_sampled=student_sampled[j],
+                     teacher_greedy=teacher_greedy[j], teacher_sampled=teacher_sampled[j],
+                     divergence=divergence[j], shift=None if shift is None else shift[j])
+            for j, ex in enumerate(kept)]
     del models  # free the weights (and GPU memory) before training starts in this process
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -439,6 +439,7 @@ def test_cli_prints_the_table_and_writes_the_json(tiny_model_dir, tiny_data, tmp
     (["--set", "probe.gate=sometimes"], "probe.gate"),
     (["--num-examples", "1"], "probe.num_examples"),
     (["--set", "prompts.teacher_template=papr"], "prompts.teacher_template"),
+    (["--set", "algorithm.variant=sft"], "algorithm.variant"),  # no teacher to probe
 ])
 def test_cli_bad_value_names_the_field(args, field, capsys):
     from sdft_ray.cli import main
