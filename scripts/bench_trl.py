@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402
 
+from sdft_ray.prompts import resolve_template  # noqa: E402
+
 EMA_RATE = 0.05
 LR = 5e-5
 SKIP_FIRST = 3
@@ -188,7 +190,7 @@ def prompt_parity(cfg, n: int) -> str:
     prepared = prepare(cfg)
     tok = load_tokenizer(prepared.model_folder)
     rows = [json.loads(line) for line in open(cfg.data.path, encoding="utf-8") if line.strip()][:n]
-    template = cfg.prompts.teacher_template.replace("{demonstration}", "{privileged_context}")
+    template = resolve_template(cfg.prompts.teacher_template).replace("{demonstration}", "{privileged_context}")
     same_student = same_teacher = 0
     by_index = {e.index: e for e in prepared.examples}
     for i, row in enumerate(rows):
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     else:  # TRL first, before Ray starts, so that no Ray daemon runs beside it
         def trl_once() -> bc.Result:
             workdir = Path(tempfile.mkdtemp(prefix="bench_trl_", dir=root))
-            return run_trl(args, model, probe.prompts.teacher_template, probe.prompts.max_prompt_tokens, workdir)
+            return run_trl(args, model, resolve_template(probe.prompts.teacher_template), probe.prompts.max_prompt_tokens,
+                           workdir)
 
         trl_result = bc.with_retries(args, trl_once)
     if not trl_result.ok:

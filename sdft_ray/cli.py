@@ -1,6 +1,7 @@
 """The ``sdft-ray`` command line.
 
     sdft-ray train CONFIG [--set a.b=c ...] [--resume latest|PATH]
+    sdft-ray probe CONFIG [--set a.b=c ...] [--num-examples N] [--out FILE]
     sdft-ray export CHECKPOINT OUT [--weights student|teacher]
     sdft-ray eval CHECKPOINT TASKS... --out DIR [--limit N] [--engine hf|vllm]
     sdft-ray lm-eval-task TASK.yaml --data LOCAL_DATA --out DIR [--num-fewshot N --fewshot-data F]
@@ -29,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-config-change", action="store_true",
                        help="with --resume: continue although the config differs from the checkpoint's")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    probe = sub.add_parser("probe", help="check the teacher before training (answers, lengths, divergence by position)")
+    probe.add_argument("config", nargs="?", help="YAML config (defaults if omitted)")
+    probe.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c",
+                       help="override a config value (repeatable)")
+    probe.add_argument("--num-examples", type=int, help="examples to probe (probe.num_examples, default 32)")
+    probe.add_argument("--out", help="JSON report (probe.out, default <output.dir>/probe.json)")
     export = sub.add_parser("export", help="export a checkpoint to a Hugging Face model folder")
     export.add_argument("checkpoint", help="a checkpoint folder (runs/x/checkpoints/step-...) or a run folder")
     export.add_argument("out", help="output folder (must not exist or be empty)")
@@ -83,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
             last = summary["history"][-1] if summary["history"] else {}
             print(json.dumps({"steps": summary["steps"], "seconds": round(summary["seconds"], 1),
                               "final_loss": last.get("loss"), "checkpoint": summary["latest_checkpoint"]}))
+            return 0
+        if args.command == "probe":
+            from sdft_ray.config import load_config
+            from sdft_ray.probe import print_report, run_probe
+
+            extra = [f"probe.num_examples={args.num_examples}"] if args.num_examples is not None else []
+            extra += [f"probe.out={json.dumps(args.out)}"] if args.out else []
+            cfg = load_config(args.config, [*args.overrides, *extra])
+            print_report(run_probe(cfg, echo=lambda line: print(line, file=sys.stderr, flush=True)))
             return 0
         if args.command == "eval":
             from sdft_ray.evaluation import evaluate_checkpoint, load_tasks, write_results

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdft_ray.errors import ConfigError
+from sdft_ray.prompts import DEFAULT_TEMPLATE_NAME, resolve_template
 
 
 #: vLLM engines here start with ``max_logprobs`` = 64 unless ``rollout.vllm`` / ``teacher.vllm`` set it
@@ -48,9 +49,9 @@ class DataConfig(_Section):
 
 class PromptConfig(_Section):
     teacher_template: str = Field(
-        "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
-        "Now answer with a response of your own, including the thinking process.",
-        description="Teacher user turn; {prompt} and {demonstration} are substituted.",
+        DEFAULT_TEMPLATE_NAME,
+        description="Teacher user turn: a name in sdft_ray.prompts.TEACHER_TEMPLATES (paper, paper_no_thinking, "
+                    "answer_directly, context_first, trl) or a literal template with {prompt} and {demonstration}.",
     )
     system_prompt: str | None = Field(None, description="System turn for both roles.")
     use_chat_template: bool = Field(True, description="Render both roles with the tokenizer's chat template.")
@@ -59,6 +60,12 @@ class PromptConfig(_Section):
     overflow: Literal["error", "drop", "truncate_demonstration"] = Field(
         "error", description="What to do with a too-long example; the query itself is never cut."
     )
+
+    @field_validator("teacher_template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        resolve_template(value)  # a name or a literal template; the config keeps what was written
+        return value
 
 
 class RolloutConfig(_Section):
@@ -209,6 +216,18 @@ class OutputConfig(_Section):
         return list(dict.fromkeys(["jsonl", *value]))
 
 
+class ProbeConfig(_Section):
+    """The teacher check ``sdft-ray probe`` (sdft_ray/probe.py), and whether it gates ``train``."""
+
+    gate: Literal["off", "warn", "error"] = Field(
+        "off", description="Before training: off, warn (run the probe, log its verdict) or error (stop unless ok).")
+    num_examples: int = Field(32, ge=2, description="Examples probed (a seeded choice of the data, schedule.seed).")
+    reference_column: str | None = Field(
+        "answer", description="Data column with the reference answer for accuracies (contains metric); null = none.")
+    framing_window: int = Field(8, ge=1, description="Second K reported: share of the divergence in the first K tokens.")
+    out: str | None = Field(None, description="JSON report path; default <output.dir>/probe.json.")
+
+
 class RunConfig(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -223,6 +242,7 @@ class RunConfig(_Section):
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "RunConfig":

@@ -30,6 +30,7 @@ from sdft_ray.data import EpochSampler
 from sdft_ray.groups import RunGroups
 from sdft_ray.metrics import MetricsLogger, Progress
 from sdft_ray.prompts import TokenizedExample
+from sdft_ray.run_checks import TRUNCATION_WINDOW, TruncationWatch
 from sdft_ray.schedule import Batch, Pipeline
 from sdft_ray.step_metrics import print_utilisation, utilisation_summary
 from sdft_ray.trajectory import PromptShard
@@ -130,6 +131,7 @@ class Controller:
         pipeline = Pipeline(self.launch, cfg.schedule.max_staleness, self.step + 1, self.total_steps)
         pipeline.restore(in_flight)
         history: list[dict[str, Any]] = []
+        truncation = TruncationWatch(cfg.rollout.max_new_tokens, window=min(TRUNCATION_WINDOW, self.total_steps))
         run_start = time.perf_counter()
         try:
             while self.step < last_step:
@@ -144,6 +146,8 @@ class Controller:
                 self.sync_weights()
                 t_end = time.perf_counter()
                 record = self._record(batch, stats, learned, queued, step_start, t_learn, t_sync, t_end)
+                if self.variant.uses_rollout and (warning := truncation.observe(self.step, record["rollout/finished_fraction"])):
+                    log.warning(warning)
                 if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0 or (
                         cfg.output.save_final and self.step == self.total_steps):
                     t_ckpt = time.perf_counter()

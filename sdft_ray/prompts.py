@@ -3,6 +3,9 @@
 The student sees only the query; the teacher sees the query and the
 demonstration through a template (by default the SDFT paper's). For chat
 prompts, only the teacher's last user turn is rewritten; earlier turns are kept.
+
+``prompts.teacher_template`` names a template of :data:`TEACHER_TEMPLATES` or is a literal
+template; :func:`resolve_template` turns either into the text (the config keeps the name).
 """
 
 from __future__ import annotations
@@ -17,20 +20,35 @@ from sdft_ray.data import Example
 from sdft_ray.errors import DataError
 
 __all__ = [
-    "DEFAULT_TEACHER_TEMPLATE",
+    "DEFAULT_TEMPLATE_NAME",
+    "TEACHER_TEMPLATES",
     "Overflow",
     "PromptBuilder",
     "TokenizedExample",
     "fill_template",
+    "resolve_template",
     "student_messages",
     "teacher_messages",
     "validate_template",
 ]
 
-DEFAULT_TEACHER_TEMPLATE = (
-    "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
-    "Now answer with a response of your own, including the thinking process."
-)
+_PAPER_PREFIX = "\n{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+
+#: Teacher user turns by name (``prompts.teacher_template``); each has ``{prompt}`` and ``{demonstration}``.
+TEACHER_TEMPLATES: dict[str, str] = {
+    # The official SDFT code's template verbatim (its f-string starts and ends with a newline).
+    "paper": _PAPER_PREFIX + "Now answer with a response of your own, including the thinking process.\n",
+    # The same without the invitation to write out a thinking process (the framing it causes at small sizes).
+    "paper_no_thinking": _PAPER_PREFIX + "Now answer with a response of your own.\n",
+    # Terse: asks for the answer itself, in the model's own words, with no invitation to frame it.
+    "answer_directly": "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+                       "Now answer the question directly, in your own words.",
+    # The demonstration first, as retrieved context, then the question (an oracle-RAG style prompt).
+    "context_first": "Context: {demonstration}\n\nQuestion: {prompt}",
+    # TRL's SDFTTrainer default (teacher_prompt_template="{prompt}\n\n{privileged_context}").
+    "trl": "{prompt}\n\n{demonstration}",
+}
+DEFAULT_TEMPLATE_NAME = "paper"
 Overflow = Literal["error", "drop", "truncate_demonstration"]
 _PLACEHOLDER = re.compile(r"\{(prompt|demonstration)\}")
 
@@ -43,6 +61,20 @@ def validate_template(template: str) -> str:
     if missing:
         raise ValueError(f"prompts.teacher_template must contain both {{prompt}} and {{demonstration}}; missing {missing}")
     return template
+
+
+def resolve_template(name_or_text: str) -> str:
+    """The template text for a :data:`TEACHER_TEMPLATES` name, or ``name_or_text`` itself when it is a
+    literal template (with both placeholders); anything else is a ValueError naming
+    ``prompts.teacher_template`` and the known names."""
+    if isinstance(name_or_text, str) and name_or_text in TEACHER_TEMPLATES:
+        return TEACHER_TEMPLATES[name_or_text]
+    try:
+        return validate_template(name_or_text)
+    except ValueError:
+        missing = ", ".join(p for p in ("{prompt}", "{demonstration}") if p not in str(name_or_text))
+        raise ValueError(f"prompts.teacher_template: {name_or_text!r} is neither a template name "
+                         f"({', '.join(TEACHER_TEMPLATES)}) nor a literal template (missing {missing})") from None
 
 
 def fill_template(template: str, prompt: str, demonstration: str) -> str:
@@ -72,7 +104,7 @@ def student_messages(example: Example, system_prompt: str | None = None) -> list
 
 def teacher_messages(
     example: Example,
-    template: str = DEFAULT_TEACHER_TEMPLATE,
+    template: str = TEACHER_TEMPLATES[DEFAULT_TEMPLATE_NAME],
     system_prompt: str | None = None,
     *,
     demonstration: str | None = None,
@@ -123,7 +155,7 @@ class PromptBuilder:
         self,
         tokenizer: Any,
         *,
-        teacher_template: str = DEFAULT_TEACHER_TEMPLATE,
+        teacher_template: str = TEACHER_TEMPLATES[DEFAULT_TEMPLATE_NAME],
         system_prompt: str | None = None,
         use_chat_template: bool = True,
         max_prompt_tokens: int,

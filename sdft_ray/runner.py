@@ -18,7 +18,7 @@ from sdft_ray.config import RunConfig
 from sdft_ray.data import load_examples
 from sdft_ray.metrics import require_logger_packages
 from sdft_ray.models import load_tokenizer, resolve_model_path
-from sdft_ray.prompts import PromptBuilder, TokenizedExample
+from sdft_ray.prompts import PromptBuilder, TokenizedExample, resolve_template
 
 log = logging.getLogger("sdft_ray")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ class PreparedRun:
 def prompt_builder(cfg: RunConfig, tokenizer, teacher_template: str | None = None) -> PromptBuilder:
     """The run's prompt builder (``teacher_template`` replaces the configured one, e.g. for SDPO)."""
     p = cfg.prompts
-    return PromptBuilder(tokenizer, teacher_template=teacher_template or p.teacher_template, system_prompt=p.system_prompt,
+    return PromptBuilder(tokenizer, teacher_template=resolve_template(teacher_template or p.teacher_template), system_prompt=p.system_prompt,
                          use_chat_template=p.use_chat_template, max_prompt_tokens=p.max_prompt_tokens,
                          max_teacher_prompt_tokens=p.max_teacher_prompt_tokens, overflow=p.overflow)
 
@@ -137,6 +137,10 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
     from sdft_ray.errors import LearnerFailure
 
     prepared = prepare(cfg)
+    if cfg.probe.gate != "off":  # the teacher check, in this process, before any actor starts
+        from sdft_ray.probe import gate_run
+
+        gate_run(cfg)
     run_dir = Path(cfg.output.dir)
     checkpoint = resolve_resume(resume, run_dir / "checkpoints", trust_checkpoint) if resume else None
     if checkpoint is not None:

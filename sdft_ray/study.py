@@ -329,7 +329,7 @@ class _Prepared:
 def prepare_study(spec: StudySpec, work_dir: Path) -> _Prepared:
     """Write the eval subsets, the teacher-prompt eval files and the stage training subsets."""
     from sdft_ray.evaluation import load_tasks
-    from sdft_ray.prompts import DEFAULT_TEACHER_TEMPLATE, fill_template, validate_template
+    from sdft_ray.prompts import DEFAULT_TEMPLATE_NAME, fill_template, resolve_template
 
     tasks = {t.name: t for t in load_tasks(_resolve(spec.eval_tasks))}
     for name in [spec.prior_task] + [s.task for s in spec.stages] + [t.task for t in spec.teacher]:
@@ -346,7 +346,7 @@ def prepare_study(spec: StudySpec, work_dir: Path) -> _Prepared:
                                             max_new_tokens=int(spec.eval_max_new_tokens.get(name, task.max_new_tokens))))
     by_name = {t.name: t for t in prepared}
 
-    template = validate_template((spec.train.get("prompts") or {}).get("teacher_template", DEFAULT_TEACHER_TEMPLATE))
+    template = resolve_template((spec.train.get("prompts") or {}).get("teacher_template", DEFAULT_TEMPLATE_NAME))
     teacher_tasks, missing = [], {}
     for tspec in spec.teacher:
         task = by_name[tspec.task]

@@ -151,3 +151,32 @@ def test_gpu_configs_use_the_teacher_top_k_they_describe():
     for name in ("gpu_8x1.yaml", "gpu_2node.yaml"):
         cfg = load_config(Path(__file__).parent.parent / "configs" / name)
         assert cfg.loss.estimator == "topk" and cfg.loss.topk_source == "teacher", name
+
+
+def test_teacher_template_by_name_round_trips_through_a_dump(tmp_path):
+    from sdft_ray.prompts import TEACHER_TEMPLATES
+
+    assert load_config(None).prompts.teacher_template == "paper"  # the paper's template by default
+    for name in TEACHER_TEMPLATES:
+        cfg = load_config(None, [f"prompts.teacher_template={name}"])
+        dumped = tmp_path / f"{name}.yaml"
+        dumped.write_text(cfg.to_yaml())
+        assert f"teacher_template: {name}" in cfg.to_yaml()  # the dump shows the name, not the text
+        assert load_config(dumped).prompts.teacher_template == name
+    literal = "Question {prompt} - reference {demonstration}"
+    assert load_config(None, [f"prompts.teacher_template='{literal}'"]).prompts.teacher_template == literal
+
+
+@pytest.mark.parametrize("value", ["papr", "'{prompt} without a demonstration'"])
+def test_unknown_template_name_is_an_error_naming_the_field_and_the_names(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"prompts.teacher_template={value}"])
+    assert "prompts.teacher_template" in str(err.value) and "paper_no_thinking" in str(err.value)
+    assert err.value.field == "prompts.teacher_template"
+
+
+@pytest.mark.parametrize("override", ["probe.gate=maybe", "probe.num_examples=1", "probe.numexamples=4"])
+def test_probe_section_errors_name_the_field(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(err.value)

@@ -11,15 +11,18 @@ from conftest_tokenizer import make_test_tokenizer
 from sdft_ray.data import Example, Message
 from sdft_ray.errors import DataError
 from sdft_ray.prompts import (
-    DEFAULT_TEACHER_TEMPLATE,
+    DEFAULT_TEMPLATE_NAME,
+    TEACHER_TEMPLATES,
     PromptBuilder,
     TokenizedExample,
     fill_template,
+    resolve_template,
     student_messages,
     teacher_messages,
     validate_template,
 )
 
+PAPER = TEACHER_TEMPLATES["paper"]
 QUERY = "What is the capital of Zorbia?"
 DEMO = "The capital of Zorbia is Quelmarsh, a port city founded by Queen Ilvara Tesk in the year 1347 after the great flood."
 
@@ -52,11 +55,41 @@ def builder(tok, **kw) -> PromptBuilder:
 # --------------------------------------------------------------------------- templates and messages
 
 
-def test_default_template_exact() -> None:
-    assert DEFAULT_TEACHER_TEMPLATE == (
-        "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
-        "Now answer with a response of your own, including the thinking process."
-    )
+# The texts written out by hand (the official SDFT code's f-string, newlines included; TRL's default).
+EXPECTED_TEMPLATES = {
+    "paper": "\n{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+             "Now answer with a response of your own, including the thinking process.\n",
+    "paper_no_thinking": "\n{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+                         "Now answer with a response of your own.\n",
+    "answer_directly": "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+                       "Now answer the question directly, in your own words.",
+    "context_first": "Context: {demonstration}\n\nQuestion: {prompt}",
+    "trl": "{prompt}\n\n{demonstration}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TEMPLATES))
+def test_template_names_resolve_to_the_exact_text(name) -> None:
+    assert resolve_template(name) == EXPECTED_TEMPLATES[name]
+    assert validate_template(resolve_template(name))
+
+
+def test_every_shipped_template_is_tested_and_the_default_is_the_paper() -> None:
+    assert set(TEACHER_TEMPLATES) == set(EXPECTED_TEMPLATES)
+    assert DEFAULT_TEMPLATE_NAME == "paper"
+    assert "including the thinking process" not in resolve_template("paper_no_thinking")
+    assert fill_template(resolve_template("paper"), "Q?", "D.") == (
+        "\nQ?\n\nThis is an example for a response to the question:\nD.\n\n"
+        "Now answer with a response of your own, including the thinking process.\n")
+
+
+def test_literal_template_passes_through_and_bad_ones_name_the_field() -> None:
+    literal = "Q: {prompt}\nA reference: {demonstration}"
+    assert resolve_template(literal) is literal
+    for bad in ["papr", "{prompt} only", "only {demonstration}", ""]:
+        with pytest.raises(ValueError, match=r"prompts\.teacher_template") as err:
+            resolve_template(bad)
+        assert all(name in str(err.value) for name in EXPECTED_TEMPLATES)
 
 
 def test_template_validation() -> None:
@@ -79,9 +112,9 @@ def test_string_prompt_messages() -> None:
     e = ex()
     assert student_messages(e, None) == [{"role": "user", "content": QUERY}]
     assert student_messages(e, "Be brief.") == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUERY}]
-    teacher = teacher_messages(e, DEFAULT_TEACHER_TEMPLATE, "Be brief.")
+    teacher = teacher_messages(e, PAPER, "Be brief.")
     assert teacher[0] == {"role": "system", "content": "Be brief."}
-    assert teacher[1]["content"] == fill_template(DEFAULT_TEACHER_TEMPLATE, QUERY, DEMO)
+    assert teacher[1]["content"] == fill_template(PAPER, QUERY, DEMO)
     assert QUERY in teacher[1]["content"] and DEMO in teacher[1]["content"]
 
 
@@ -89,9 +122,9 @@ def test_chat_prompt_keeps_earlier_turns() -> None:
     student = student_messages(CHAT_EX, "ignored: chat has its own system message")
     assert [m["role"] for m in student] == ["system", "user", "assistant", "user"]
     assert student[0]["content"] == "You are a geographer."
-    teacher = teacher_messages(CHAT_EX, DEFAULT_TEACHER_TEMPLATE, None)
+    teacher = teacher_messages(CHAT_EX, PAPER, None)
     assert teacher[:3] == student[:3]
-    assert teacher[3] == {"role": "user", "content": fill_template(DEFAULT_TEACHER_TEMPLATE, QUERY, DEMO)}
+    assert teacher[3] == {"role": "user", "content": fill_template(PAPER, QUERY, DEMO)}
     # a system prompt is added to chats without one
     no_sys = ex((Message("user", "Hi"),))
     assert student_messages(no_sys, "S")[0] == {"role": "system", "content": "S"}
@@ -99,7 +132,7 @@ def test_chat_prompt_keeps_earlier_turns() -> None:
 
 def test_teacher_requires_demonstration() -> None:
     with pytest.raises(DataError) as info:
-        teacher_messages(ex(demonstration=None), DEFAULT_TEACHER_TEMPLATE, None)
+        teacher_messages(ex(demonstration=None), PAPER, None)
     assert info.value.file == "data/train.jsonl" and info.value.row == 0 and info.value.field == "demonstration"
 
 
@@ -129,7 +162,7 @@ def test_build_chat_prompt(tok) -> None:
 def test_plain_text_without_chat_template(tok) -> None:
     (t,), _ = builder(tok, use_chat_template=False, system_prompt="S").build([ex()])
     assert tok.decode(t.prompt_ids) == f"S\n\n{QUERY}"
-    assert tok.decode(t.teacher_prompt_ids) == "S\n\n" + fill_template(DEFAULT_TEACHER_TEMPLATE, QUERY, DEMO)
+    assert tok.decode(t.teacher_prompt_ids) == "S\n\n" + fill_template(PAPER, QUERY, DEMO)
 
 
 def test_braces_in_user_text_through_builder(tok) -> None:
@@ -186,7 +219,7 @@ def test_overflow_truncate_demonstration(tok, chat: bool) -> None:
         # the kept demonstration is a prefix (cut on the right), followed by the rest of the template
         demo_part = text.split("This is an example for a response to the question:\n", 1)[1].split("\n\nNow answer with", 1)[0]
         assert DEMO.startswith(demo_part)
-        assert text.endswith("including the thinking process.<|im_end|>\n<|im_start|>assistant\n")
+        assert text.endswith("including the thinking process.\n<|im_end|>\n<|im_start|>assistant\n")
     # the longest prefix is kept: one more demonstration token would not fit
     limit = len(full.teacher_prompt_ids) - 5
     b = builder(tok, max_teacher_prompt_tokens=limit, overflow="truncate_demonstration")

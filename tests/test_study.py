@@ -85,7 +85,7 @@ def test_prepare_matches_demonstrations_and_training_rows(tmp_path):
     assert len(rows) == 15 and prepared.teacher_missing["fictional_facts"] == 0
     for row, plain in zip(rows, facts):
         demo = demos[(row["entity"], row["fact"])]
-        assert row["prompt"].startswith(plain["prompt"] + "\n\nThis is an example for a response to the question:\n")
+        assert row["prompt"].startswith("\n" + plain["prompt"] + "\n\nThis is an example for a response to the question:\n")
         assert demo in row["prompt"] and row["answer"] == plain["answer"]
     tools = [json.loads(x) for x in Path(teacher["tool_calls"].path).read_text().splitlines()]
     assert all(json.dumps(r["reference"]) in r["prompt"] for r in tools)
