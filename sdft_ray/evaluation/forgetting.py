@@ -79,7 +79,8 @@ class PromptDivergence:
 def _cache_key(model_folder: Path, task: EvalTask, max_new_tokens: int, dtype: str) -> dict[str, Any]:
     path = task.resolved_path()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-    return {"model": str(model_folder), "prompts": str(path), "prompts_sha256": digest,
+    # the prompt file by content (not by path), so that a cache copied to another checkout stays valid
+    return {"model": str(model_folder), "prompts": path.name, "prompts_sha256": digest,
             "prompt_column": task.prompt_column, "system_prompt": task.system_prompt,
             "max_new_tokens": int(max_new_tokens), "dtype": dtype}
 

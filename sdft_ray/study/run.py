@@ -223,10 +223,15 @@ class StudyRunner:
         self.base_folder = str(resolve_model_path(spec.model, (spec.train.get("model") or {}).get("cache_dir")))
         from sdft_ray.evaluation.forgetting import ForgettingProbe
 
+        self.progress.say(f"the base model's greedy answers to the {spec.forgetting.task!r} prompts "
+                          f"({spec.forgetting.max_new_tokens} new tokens; generated once, then read from the cache)")
+        t0 = time.perf_counter()
         self.probe = ForgettingProbe(self.base_folder, self.prior_task, self.work / "base" / "base_answers.jsonl",
                                      max_new_tokens=spec.forgetting.max_new_tokens,
                                      batch_size=spec.forgetting.batch_size, generation_batch_size=spec.eval.batch_size,
                                      dtype=(spec.train.get("model") or {}).get("dtype", "float32"))
+        self.progress.say(f"{len(self.probe.answers)} base answers ready in {time.perf_counter() - t0:.0f} s "
+                          f"({sum(a.finished for a in self.probe.answers)} finished)")
 
     # ---- evaluation with caches ----------------------------------------------------------
     def _fingerprint(self, tasks: Sequence[Any]) -> str:
@@ -239,7 +244,7 @@ class StudyRunner:
         Returns rows, samples, KL rows and the seconds it took (0 when cached)."""
         from sdft_ray.evaluation import evaluate_checkpoint
 
-        key = {"tasks": self._fingerprint(tasks), "kl": self.probe.digest if with_kl else None}
+        key = {"model": str(folder), "tasks": self._fingerprint(tasks), "kl": self.probe.digest if with_kl else None}
         unit = _eval_unit(with_kl)
         meta = cache / "eval.json"
         if meta.is_file():
