@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+
     import yaml
+
+    # per-task progress of every evaluation ("evaluating task i/N", then score, rows and seconds)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("sdft_ray.evaluation").setLevel(logging.INFO)
 
     from sdft_ray.config import _set_dotted, parse_override
     from sdft_ray.errors import ConfigError
