@@ -213,6 +213,20 @@ def test_verdict_inconclusive():
     assert decide(True, [_setting("sft", "sft", 16, kl=0.4), dominated, idle]).label == "inconclusive"
 
 
+def test_verdict_needs_both_variants():
+    from types import SimpleNamespace
+
+    from sdft_ray.study.report import verdict
+
+    only_sft = [_setting("sft", "sft", 18, kl=0.1)]
+    with pytest.raises(ValueError, match="sdft"):
+        decide(True, only_sft)
+    # the study's report does not fail after hours of runs: it states why the rule does not apply
+    result = verdict(SimpleNamespace(gate_passed=True, settings=lambda: only_sft))
+    assert result.label == "inconclusive" and "does not apply" in result.reason
+    assert verdict(SimpleNamespace(gate_passed=False, settings=lambda: only_sft)).label == "not applicable"
+
+
 # ---- pooling over seeds, progress --------------------------------------------------------------
 
 

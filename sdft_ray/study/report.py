@@ -29,7 +29,7 @@ import numpy as np
 
 from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.evaluation.stats import mcnemar_exact, mean_interval, wilcoxon_paired, wilson_interval
-from sdft_ray.study.verdict import NOT_APPLICABLE, Verdict, decide
+from sdft_ray.study.verdict import INCONCLUSIVE, NOT_APPLICABLE, Verdict, decide
 
 if TYPE_CHECKING:
     from sdft_ray.study.run import ModelRecord, StudyRunner
@@ -188,9 +188,14 @@ def _record(runner: StudyRunner, run: str) -> ModelRecord:
 
 
 def verdict(runner: StudyRunner) -> Verdict:
+    """The pre-registered verdict; a study without both SFT and SDFT settings (e.g. a lever sweep
+    of SDFT arms only) gets ``inconclusive`` with the reason instead of failing after its runs."""
     if not runner.gate_passed:
         return decide(False, [])
-    return decide(True, runner.settings())
+    try:
+        return decide(True, runner.settings())
+    except ValueError as e:
+        return Verdict(INCONCLUSIVE, f"the decision rule does not apply: {e}")
 
 
 # ---- writing ---------------------------------------------------------------------------------
