@@ -1,18 +1,17 @@
-"""Run the small-scale continual-learning study end to end (SFT vs SDFT, lr sweep, curriculum).
+"""Run the science study (docs/study.md): teacher check, knowledge injection, curriculum.
 
-    # the study in docs/study.md and the README (SmolLM2-135M-Instruct on CPU, lrs 1e-5 and 5e-5:
-    # 35-50 min on a busy 2-core machine; results/study/ also has lr 2e-4: add --lrs 1e-5,5e-5,2e-4)
-    .venv/bin/python scripts/run_study.py --out results/study
+    # the study of docs/study.md (SmolLM2-135M-Instruct on CPU; configs/study/smollm2.yaml)
+    .venv/bin/python scripts/run_study.py --out results/study --work runs/study
 
-    # smoke run for tests: tiny random Llama + test tokenizer, 1 step per stage, 2 eval rows per kind
-    .venv/bin/python scripts/run_study.py --quick --out /tmp/study-quick
+    # smoke run (tests/test_study.py): tiny random Llama + test tokenizer, 3 + 3 facts, seconds per run
+    .venv/bin/python scripts/run_study.py --quick --out /tmp/study-quick/out --work /tmp/study-quick
 
-Size flags override the study file (configs/study/smollm2.yaml): ``--steps 12,10`` (per stage,
-or one value for all), ``--lrs 1e-5,5e-5``, ``--methods sft,sdft``, ``--eval-limit 40`` (rows
-per task kind), ``--eval-max-new-tokens 32`` (every task), ``--set key=value`` (any study
-field, e.g. ``--set train.schedule.prompts_per_step=4``). Training runs and checkpoints go to
-``--work`` (default ``runs/study``); a rerun with the same ``--work`` reuses finished stages
-(``--fresh`` starts over). Tables and the two PNG plots go to ``--out``.
+Any field of the study file can be overridden with ``--set key=value`` (dotted, YAML value), e.g.
+``--set seeds=[0] --set facts.n_train=12 --set eval.max_new_tokens=128``; ``--model`` replaces the
+base model. Training runs, checkpoints and evaluation caches go to ``--work``; a rerun with the
+same ``--work`` reuses every finished run and evaluation (``--fresh`` starts over). Tables, raw
+rows and plots go to ``--out``. Progress lines show the elapsed time and an estimate of what is
+left.
 """
 
 from __future__ import annotations
@@ -43,30 +42,15 @@ DEFAULT_CONFIG = REPO / "configs" / "study" / "smollm2.yaml"
 QUICK_CONFIG = REPO / "configs" / "study" / "quick.yaml"
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config", nargs="?", help=f"study YAML (default {DEFAULT_CONFIG.relative_to(REPO)}; "
                                               f"--quick: {QUICK_CONFIG.relative_to(REPO)})")
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny random model with the test tokenizer, 1 step per stage, 2 eval rows per kind (tests)")
-    ap.add_argument("--out", default=None, help="tables + plots (default results/study, --quick: runs/study-quick/out)")
-    ap.add_argument("--work", default=None, help="training runs, checkpoints, samples (default runs/study[-quick])")
-    ap.add_argument("--fresh", action="store_true", help="delete --work first instead of reusing finished stages")
+    ap.add_argument("--quick", action="store_true", help="tiny random model with the test tokenizer (tests)")
+    ap.add_argument("--out", default=None, help="tables + plots (default results/study, --quick: <work>/out)")
+    ap.add_argument("--work", default=None, help="runs, checkpoints, caches (default runs/study[-quick])")
+    ap.add_argument("--fresh", action="store_true", help="delete --work first instead of reusing finished runs")
     ap.add_argument("--model", help="model folder or embedded:<name> (overrides the study file)")
-    ap.add_argument("--methods", help="comma list of variants, e.g. sft,sdft")
-    ap.add_argument("--lrs", type=_floats, help="comma list of learning rates, e.g. 1e-5,5e-5")
-    ap.add_argument("--steps", type=_ints, help="optimizer steps per stage: one value for all or one per stage")
-    ap.add_argument("--prompts-per-step", type=int, help="schedule.prompts_per_step of every run")
-    ap.add_argument("--eval-limit", type=int, help="first N eval rows of every kind of every task")
-    ap.add_argument("--eval-max-new-tokens", type=int, help="max_new_tokens of every eval task")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a study field (dotted, YAML value); repeatable")
     return ap
@@ -74,11 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+
     import yaml
+
+    # per-task progress of every evaluation ("evaluating task i/N", then score, rows and seconds)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("sdft_ray.evaluation").setLevel(logging.INFO)
 
     from sdft_ray.config import _set_dotted, parse_override
     from sdft_ray.errors import ConfigError
     from sdft_ray.study import run_study, study_from_dict
+    from sdft_ray.study.spec import study_tree
 
     config = Path(args.config) if args.config else (QUICK_CONFIG if args.quick else DEFAULT_CONFIG)
     work = Path(args.work or (REPO / "runs" / ("study-quick" if args.quick else "study")))
@@ -86,56 +77,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-
-    tree = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    for item in args.overrides:
-        key, value = parse_override(item)
-        _set_dotted(tree, key, value)
-    if args.quick:
-        from conftest_tokenizer import make_test_tokenizer
-
-        from sdft_ray.models import build_random_model
-
-        folder = work / "tiny_model"
-        if not (folder / "config.json").is_file():
-            build_random_model(folder, make_test_tokenizer(), initializer_range=0.3)
-        tree["model"] = str(folder)
-    if args.model:
-        tree["model"] = args.model
-    if args.methods:
-        tree["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.lrs:
-        tree["lrs"] = args.lrs
-    if args.steps:
-        stages = tree.get("stages") or []
-        if len(args.steps) not in (1, len(stages)):
-            ap_error = f"--steps: give 1 value or {len(stages)} (one per stage), got {len(args.steps)}"
-            print(f"error: {ap_error}", file=sys.stderr)
-            return 2
-        for i, stage in enumerate(stages):
-            stage["steps"] = args.steps[i if len(args.steps) > 1 else 0]
-    if args.prompts_per_step:
-        tree.setdefault("train", {}).setdefault("schedule", {})["prompts_per_step"] = args.prompts_per_step
-    if args.eval_limit:
-        tree["eval_limit_per_kind"] = args.eval_limit
-    if args.eval_max_new_tokens:
-        tree["eval_max_new_tokens"] = {k: args.eval_max_new_tokens
-                                       for k in (tree.get("eval_max_new_tokens") or {})} or {}
-        if not tree["eval_max_new_tokens"]:
-            from sdft_ray.evaluation import load_tasks
-
-            tasks = load_tasks(REPO / tree.get("eval_tasks", "configs/eval/continual.yaml"))
-            tree["eval_max_new_tokens"] = {t.name: args.eval_max_new_tokens for t in tasks}
     try:
-        spec = study_from_dict(tree, str(config))
+        tree = study_tree(config)
+        for item in args.overrides:
+            key, value = parse_override(item)
+            _set_dotted(tree, key, value)
+        if args.quick:
+            from conftest_tokenizer import make_test_tokenizer
+
+            from sdft_ray.models import build_random_model
+
+            folder = work / "tiny_model"
+            if not (folder / "config.json").is_file():
+                build_random_model(folder, make_test_tokenizer(), initializer_range=0.3)
+            tree["model"] = str(folder)
+        if args.model:
+            tree["model"] = args.model
+        spec = study_from_dict(tree, str(config) + (" + --set " + " ".join(args.overrides) if args.overrides else ""))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    (work / "study.yaml").write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
-    print(f"[study] {spec.model}: methods {spec.methods}, lrs {spec.lrs}, stages "
-          f"{[(s.name, s.steps) for s in spec.stages]}, eval limit/kind {spec.eval_limit_per_kind}; "
-          f"load average {os.getloadavg()}", flush=True)
+    (work / "study.yaml").write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    runs = sum(len(a.lrs) for a in spec.arms) * len(spec.seeds)
+    print(f"[study] {spec.model}: {len(spec.arms)} arms ({', '.join(a.name for a in spec.arms)}), {runs} phase-1 runs, "
+          f"seeds {spec.seeds}, {spec.facts.n_train} trained + {spec.facts.n_control} control facts x "
+          f"{spec.facts.epochs:g} epochs; load average {os.getloadavg()}", flush=True)
     t0 = time.perf_counter()
     paths = run_study(spec, out, work, echo=lambda s: print(s, flush=True))
     print(f"[study] done in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()}")

@@ -1,8 +1,10 @@
-"""The continual-learning study (sdft_ray/study.py, scripts/run_study.py).
+"""The science study (sdft_ray/study/, scripts/run_study.py).
 
-Fast tests: config validation, eval subsets, teacher prompts, stage training subsets, tables
-and plots from synthetic results. The slow test runs ``scripts/run_study.py --quick`` end to end
-(tiny random Llama, real Ray actors, SFT and SDFT, two curriculum stages).
+Fast tests: the study files, validation errors, the selection of trained and control facts,
+teacher prompts, the pre-registered rules (gate, template choice, best setting, verdict) on
+hand-made tables, seed pooling and the progress estimate. The slow test runs
+``scripts/run_study.py --quick`` end to end (tiny random Llama, real Ray actors, SFT and SDFT,
+two seeds, both phases) and again to check that everything is reused.
 """
 
 from __future__ import annotations
@@ -11,47 +13,77 @@ import csv
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from sdft_ray.errors import ConfigError
-from sdft_ray.study import (RESULT_COLUMNS, load_study, plot_curriculum, plot_frontier, prepare_study,
-                            select_per_kind, study_from_dict, write_summary)
+from sdft_ray.study import load_study, study_from_dict
+from sdft_ray.study.design import fact_demonstrations, pick_rows, reference_demonstrations, select_facts, teacher_rows
+from sdft_ray.study.verdict import Setting, best_setting, check_gate, choose_template, decide
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = REPO / "configs" / "study" / "quick.yaml"
 FULL = REPO / "configs" / "study" / "smollm2.yaml"
+FACTS = REPO / "data" / "fictional_facts" / "train.jsonl"
+
+
+def _rows(path):
+    return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def _tree(**changes):
     import yaml
 
     tree = yaml.safe_load(QUICK.read_text(encoding="utf-8"))
+    tree["model"] = "unused"
     tree.update(changes)
     return tree
 
 
+# ---- the study files -------------------------------------------------------------------------
+
+
 def test_shipped_study_files_validate():
     full = load_study(FULL)
-    assert full.methods == ["sft", "sdft"] and full.lrs == [1e-5, 5e-5]
-    assert [s.task for s in full.stages] == ["fictional_facts", "tool_calls"]
-    cfg = full.run_config("sft", 5e-5, full.stages[0], "some/model", "train.jsonl", Path("runs/x"))
-    assert cfg.algorithm.variant == "sft" and cfg.teacher.kind == "frozen" and cfg.learner.lr == 5e-5
-    assert cfg.schedule.max_steps == full.stages[0].steps and cfg.model.path == "some/model"
-    sdft = full.run_config("sdft", 1e-5, full.stages[1], "m", "d", Path("runs/y"))
-    assert sdft.algorithm.variant == "sdft" and sdft.teacher.kind == "ema" and sdft.rollout.max_new_tokens == 64
-    assert load_study(QUICK, ["lrs=[0.1, 0.2]"]).lrs == [0.1, 0.2]
+    assert len(full.seeds) >= 2 and len(full.teacher_check.templates) >= 3
+    gate = full.teacher_check.gate
+    assert (gate.strict, gate.paraphrase, gate.finished) == (0.70, 0.50, 0.90)
+    assert full.eval.max_new_tokens >= 96 and full.forgetting.max_new_tokens >= 96
+    assert (full.facts.n_train, full.facts.n_control) == (24, 24)
+    sft = full.arm("sft")
+    assert sft.variant == "sft" and len(sft.lrs) >= 3
+    assert sum(len(a.lrs) for a in full.arms if a.variant == "sdft") >= 2
+    template = full.teacher_check.templates["paper_no_thinking"]
+    cfg = full.run_config(full.arm("sdft"), 5e-5, 1, model_path="m", data_path="d", out_dir="runs/x",
+                          template=template, epochs=full.facts.epochs)
+    assert cfg.algorithm.variant == "sdft" and cfg.teacher.kind == "ema" and cfg.teacher.ema_rate == 0.01
+    assert cfg.schedule.seed == 1 and cfg.schedule.epochs == full.facts.epochs and cfg.schedule.max_steps is None
+    assert cfg.prompts.teacher_template == template and cfg.learner.lr == 5e-5
+    assert full.facts.epochs * cfg.rollout.num_samples >= 8
+    frozen = full.run_config(full.arm("sdft_frozen"), 5e-5, 0, model_path="m", data_path="d", out_dir="o",
+                             template=template, epochs=1, stage_overrides=full.curriculum.overrides)
+    assert frozen.teacher.kind == "frozen" and frozen.rollout.max_new_tokens == 96
+    assert full.variants == ["sft", "sdft"]
+    quick = load_study(QUICK, ["seeds=[3]"])
+    assert quick.seeds == [3]
+    q = quick.run_config(quick.arms[0], 0.01, 3, model_path="m", data_path="d", out_dir="o", template="{prompt} {demonstration}",
+                         epochs=1, stage_overrides=quick.curriculum.overrides)
+    assert q.data.limit == 4 and q.teacher.kind == "frozen"
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"lrs": [0.0]}, "lrs"),
-    ({"methods": []}, "methods"),
-    ({"stages": [{"name": "a", "data": "d", "task": "t", "steps": 0}]}, "steps"),
-    ({"stages": [{"name": "a", "data": "d", "task": "t", "steps": 1, "epochs": 2}]}, "epochs"),
     ({"colour": "red"}, "colour"),
-    ({"train": {"learner": {"lrr": 1}}}, "learner.lrr"),
-    ({"teacher": [{"task": "tool_calls"}]}, "teacher"),
+    ({"seeds": [0, 0]}, "distinct"),
+    ({"arms": [{"name": "a", "variant": "sft", "lrs": [0.0]}]}, "lrs"),
+    ({"arms": [{"name": "a", "variant": "sft", "lrs": [1e-3]}, {"name": "a", "variant": "sdft", "lrs": [1e-3]}]},
+     "unique"),
+    ({"arms": [{"name": "a", "variant": "sft", "lrs": [1e-3], "overrides": {"learner": {"lrr": 1}}}]}, "learner.lrr"),
+    ({"train": {"rollout": {"max_new_tokns": 3}}}, "max_new_tokns"),
+    ({"teacher_check": {"templates": {"bad": "{prompt} only"}}}, "bad"),
+    ({"teacher_check": {"templates": {"a": "{prompt} {demonstration}"}, "gate": {"strict": 1.5}}}, "strict"),
+    ({"facts": {"epochs": 1, "min_samples_per_fact": 8}}, "min_samples_per_fact"),
 ])
 def test_bad_study_names_the_field(change, field):
     with pytest.raises(ConfigError) as err:
@@ -59,99 +91,228 @@ def test_bad_study_names_the_field(change, field):
     assert field in str(err.value)
 
 
-def test_select_per_kind_keeps_file_order():
-    rows = [{"k": k, "i": i} for i, k in enumerate("aabbbab")]
-    assert [r["i"] for r in select_per_kind(rows, "k", 2)] == [0, 1, 2, 3]
-    assert len(select_per_kind(rows, None, 3)) == 3
-    assert len(select_per_kind(rows, "k", None)) == len(rows)
+# ---- data design -----------------------------------------------------------------------------
 
 
-def test_prepare_matches_demonstrations_and_training_rows(tmp_path):
-    spec = study_from_dict(_tree(model="unused", eval_limit_per_kind=5), "quick")
-    prepared = prepare_study(spec, tmp_path)
-    evals = {t.name: t for t in prepared.tasks}
-    facts = [json.loads(x) for x in Path(evals["fictional_facts"].path).read_text().splitlines()]
-    assert len(facts) == 15 and {r["kind"] for r in facts} == {"strict", "paraphrase", "ood"}
-    assert evals["fictional_facts"].max_new_tokens == 4
-    # stage 1 trains on exactly the facts whose questions are evaluated
-    train = [json.loads(x) for x in Path(prepared.stage_data["facts"]).read_text().splitlines()]
-    assert {(r["entity"], r["fact"]) for r in train} == {(r["entity"], r["fact"]) for r in facts}
-    assert prepared.stage_data["tools"].endswith("data/tool_calls/train.jsonl")
-    # teacher prompts: the query, then the matching training demonstration, through the template
-    teacher = {t.name: t for t in prepared.teacher_tasks}
-    rows = [json.loads(x) for x in Path(teacher["fictional_facts"].path).read_text().splitlines()]
-    demos = {(r["entity"], r["fact"]): r["demonstration"]
-             for r in map(json.loads, (REPO / "data/fictional_facts/train.jsonl").read_text().splitlines())}
-    assert len(rows) == 15 and prepared.teacher_missing["fictional_facts"] == 0
-    for row, plain in zip(rows, facts):
-        demo = demos[(row["entity"], row["fact"])]
-        assert row["prompt"].startswith("\n" + plain["prompt"] + "\n\nThis is an example for a response to the question:\n")
-        assert demo in row["prompt"] and row["answer"] == plain["answer"]
-    tools = [json.loads(x) for x in Path(teacher["tool_calls"].path).read_text().splitlines()]
-    assert all(json.dumps(r["reference"]) in r["prompt"] for r in tools)
+def test_select_facts_trained_and_controls():
+    rows = _rows(FACTS)
+    trained, control = select_facts(rows, 24, 24, seed=0)
+    assert len(trained) == 24 and len(control) == 24
+    assert not {e for e, _ in trained} & {e for e, _ in control}  # no entity in both
+    assert len({e for e, _ in trained}) == 24 and len({e for e, _ in control}) == 24
+    assert Counter(f for _, f in trained) == {"capital": 8, "founder": 8, "year": 8}
+    assert Counter(f for _, f in control) == {"capital": 8, "founder": 8, "year": 8}
+    present = {(r["entity"], r["fact"]) for r in rows}
+    assert set(trained) <= present and set(control) <= present
+    assert select_facts(rows, 24, 24, seed=0) == (trained, control)  # deterministic
+    assert select_facts(list(reversed(rows)), 24, 24, seed=0) == (trained, control)  # row order does not matter
+    assert select_facts(rows, 24, 24, seed=1)[0] != trained
+    with pytest.raises(ValueError, match="distinct"):
+        select_facts(rows, 60, 60, seed=0)
 
 
-def _synthetic_results(spec):
-    rows = []
-    for method in spec.methods:
-        for lr in spec.lrs:
-            for stage in range(len(spec.stages) + 1):
-                for task in ("fictional_facts", "tool_calls", "prior"):
-                    score = 0.1 * stage + (0.2 if method == "sdft" else 0.0) + lr
-                    rows.append({"method": method, "lr": lr, "stage": stage,
-                                 "stage_name": "base" if stage == 0 else spec.stages[stage - 1].name,
-                                 "trained_on": "", "task": task, "kind": "all", "metric": "m", "n": 3,
-                                 "score": min(score, 1.0)})
-    return rows
+def test_teacher_prompts_pair_questions_with_their_demonstrations():
+    train = _rows(FACTS)
+    evals = _rows(REPO / "data" / "fictional_facts" / "eval.jsonl")
+    trained, _ = select_facts(train, 3, 3, seed=0)
+    rows = pick_rows(evals, trained)
+    assert len(rows) == 9 and {r["kind"] for r in rows} == {"strict", "paraphrase", "ood"}
+    demos = fact_demonstrations(rows, train)
+    out = teacher_rows(rows, demos, "Q: {prompt}\nDemo: {demonstration}")
+    for row, plain in zip(out, rows):
+        demo = next(t["demonstration"] for t in train if (t["entity"], t["fact"]) == (plain["entity"], plain["fact"]))
+        assert row["prompt"] == f"Q: {plain['prompt']}\nDemo: {demo}" and row["answer"] == plain["answer"]
+    tools = _rows(REPO / "data" / "tool_calls" / "eval.jsonl")[:2]
+    train_tools = {r["demonstration"] for r in _rows(REPO / "data" / "tool_calls" / "train.jsonl")}
+    demo = reference_demonstrations(tools)
+    assert json.loads(demo[0]) == tools[0]["reference"]
+    # the same serialisation as the training demonstrations
+    assert any(json.dumps(json.loads(d)) == d for d in train_tools)
 
 
-def test_plots_and_summary_from_results(tmp_path):
-    spec = study_from_dict(_tree(model="unused", lrs=[0.01, 0.05]), "quick")
-    results = _synthetic_results(spec)
-    teacher = [{"model": "base", "role": "student (query only)", "task": "fictional_facts", "kind": "all",
-                "n": 3, "score": 0.0},
-               {"model": "base", "role": "teacher (query + demonstration)", "task": "fictional_facts",
-                "kind": "all", "n": 3, "score": 0.66}]
-    for path in (plot_frontier(results, spec, tmp_path / "f.png"),
-                 plot_curriculum(results, spec, tmp_path / "c.png", teacher)):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
-    text = write_summary(results, teacher, {"runs": [], "evals": []}, spec, tmp_path / "s.md").read_text()
-    assert "| sdft | 0.05 | 2: tools |" in text and "66.0" in text
+# ---- the pre-registered rules on hand-made tables --------------------------------------------
+
+
+def _setting(arm, variant, correct, n=20, kl=0.1, spread=0.0, prompts=30, lr=1e-4, base_correct=0):
+    kls = tuple(kl + spread * ((i % 5) - 2) for i in range(prompts))
+    return Setting(arm, variant, lr, tuple(i < correct for i in range(n)), tuple(i < base_correct for i in range(n)),
+                   kls)
+
+
+def test_gate_and_template_choice():
+    def rows(strict, para, fin, overall):
+        return [{"kind": "all", "score": overall, "finished_fraction": fin}, {"kind": "strict", "score": strict},
+                {"kind": "paraphrase", "score": para}, {"kind": "ood", "score": 0.1}]
+
+    gate = dict(strict=0.7, paraphrase=0.5, finished=0.9)
+    a = check_gate("a", rows(0.70, 0.50, 0.90, 0.40), **gate)  # exactly at every threshold: passes
+    b = check_gate("b", rows(0.95, 0.90, 0.85, 0.90), **gate)  # best teacher, but 85 % finished: fails
+    c = check_gate("c", rows(0.80, 0.60, 0.95, 0.55), **gate)
+    assert (a.passes, b.passes, c.passes) == (True, False, True)
+    assert choose_template([a, b, c]) == (c, True)  # the passing template with the best accuracy
+    assert choose_template([b, check_gate("d", rows(0.1, 0.1, 1.0, 0.1), **gate)]) == (b, False)
+    tie = check_gate("e", rows(0.80, 0.60, 0.99, 0.55), **gate)
+    assert choose_template([c, tie])[0] is tie  # same accuracy: more answers finish
+
+
+def test_best_setting_rule():
+    a = _setting("sdft", "sdft", 10, kl=0.30, lr=1e-5)
+    b = _setting("sdft", "sdft", 12, kl=0.50, lr=5e-5)
+    c = _setting("sdft_frozen", "sdft", 12, kl=0.20, lr=5e-5)
+    assert best_setting([a, b]) is b  # higher accuracy wins over lower KL
+    assert best_setting([a, b, c]) is c  # a tie on accuracy goes to the lower KL
+
+
+def test_verdict_not_applicable_when_the_gate_fails():
+    sdft = _setting("sdft", "sdft", 20, kl=0.01)
+    assert decide(False, [sdft, _setting("sft", "sft", 0, kl=1.0)]).label == "not applicable"
+
+
+def test_verdict_supports():
+    # SDFT 15/20 vs base 0/20: 15 discordant pairs, McNemar p = 2 / 2^15. SFT 16/20 reaches more but with
+    # KL 0.5 +- 0.02 vs SDFT's 0.1 +- 0.02: lower on all 30 prompts (Wilcoxon p ~ 2e-6).
+    sdft = _setting("sdft", "sdft", 15, kl=0.1, spread=0.01)
+    weak_sft = _setting("sft", "sft", 5, kl=0.05, lr=1e-5)  # lower accuracy: does not dominate
+    strong_sft = _setting("sft", "sft", 16, kl=0.5, spread=0.01, lr=2e-4)
+    v = decide(True, [weak_sft, strong_sft, sdft])
+    assert v.label == "supports", v.reason
+    (check,) = v.checks
+    assert check["comparator"] == "sft lr=0.0002" and check["p_vs_base"] == pytest.approx(2 / 2**15)
+    assert check["p_kl_vs_comparator"] < 1e-4 and not check["dominated_by"]
+    # no SFT setting at or above its accuracy: no KL test needed
+    assert decide(True, [weak_sft, sdft]).label == "supports"
+
+
+def test_verdict_refutes_when_dominated_or_not_learning():
+    sdft = _setting("sdft", "sdft", 15, kl=0.1)
+    dominating = _setting("sft", "sft", 18, kl=0.1)  # >= accuracy and <= KL
+    v = decide(True, [dominating, sdft])
+    assert v.label == "refutes" and v.checks[0]["dominated_by"] == ["sft lr=0.0001"]
+    # learns nothing: 1/20 vs the base model's 0/20 is one discordant pair (p = 1), even though undominated
+    idle = _setting("sdft", "sdft", 1, kl=0.01)
+    v = decide(True, [_setting("sft", "sft", 18, kl=0.9), idle])
+    assert v.label == "refutes" and not v.checks[0]["learns"] and not v.checks[0]["dominated_by"]
+    # accuracy above base but not significantly (3 discordant pairs: p = 0.25) does not count as learning
+    assert decide(True, [_setting("sft", "sft", 18, kl=0.9), _setting("sdft", "sdft", 3, kl=0.01)]).label == "refutes"
+
+
+def test_verdict_inconclusive():
+    # SDFT learns and is undominated (the SFT setting above it has a slightly higher mean KL), but the KL
+    # difference is not significant: per prompt SDFT - SFT = +-0.01 k (k = 1..15, alternating signs) - 0.0001,
+    # so the positive and negative ranks nearly balance (W+ = 225, W- = 240)
+    sft_kl = tuple(0.5 for _ in range(30))
+    sdft_kl = tuple(0.5 + (1 if i % 2 == 0 else -1) * 0.01 * (i // 2 + 1) - 0.0001 for i in range(30))
+    sdft = Setting("sdft", "sdft", 1e-4, tuple(i < 15 for i in range(20)), (False,) * 20, sdft_kl)
+    sft = Setting("sft", "sft", 1e-4, tuple(i < 16 for i in range(20)), (False,) * 20, sft_kl)
+    v = decide(True, [sft, sdft])
+    assert v.label == "inconclusive" and v.checks[0]["learns"] and not v.checks[0]["dominated_by"]
+    assert v.checks[0]["p_kl_vs_comparator"] > 0.05
+    # one SDFT setting dominated, another undominated that does not learn: inconclusive as written
+    dominated = _setting("sdft", "sdft", 15, kl=0.5, lr=1e-5)
+    idle = _setting("sdft", "sdft", 1, kl=0.01, lr=2e-4)
+    assert decide(True, [_setting("sft", "sft", 16, kl=0.4), dominated, idle]).label == "inconclusive"
+
+
+def test_verdict_needs_both_variants():
+    from types import SimpleNamespace
+
+    from sdft_ray.study.report import verdict
+
+    only_sft = [_setting("sft", "sft", 18, kl=0.1)]
+    with pytest.raises(ValueError, match="sdft"):
+        decide(True, only_sft)
+    # the study's report does not fail after hours of runs: it states why the rule does not apply
+    result = verdict(SimpleNamespace(gate_passed=True, settings=lambda: only_sft))
+    assert result.label == "inconclusive" and "does not apply" in result.reason
+    assert verdict(SimpleNamespace(gate_passed=False, settings=lambda: only_sft)).label == "not applicable"
+
+
+# ---- pooling over seeds, progress --------------------------------------------------------------
+
+
+def test_settings_pool_seeds_and_pair_with_base(tmp_path):
+    from sdft_ray.study.run import FACTS_TRAINED, ModelRecord, StudyRunner
+
+    spec = study_from_dict(_tree(arms=[{"name": "sdft", "variant": "sdft", "lrs": [0.01]}]), "quick")
+
+    def samples(correct):
+        return [{"task": FACTS_TRAINED, "kind": "strict", "index": i, "score": float(c)} for i, c in correct.items()]
+
+    runner = StudyRunner(spec, tmp_path / "out", tmp_path / "work")
+    runner.base = ModelRecord("base", "base", samples=samples({1: 1, 0: 0, 2: 0}))
+    kl = lambda values: [{"index": i, "kl": v} for i, v in reversed(list(enumerate(values)))]  # noqa: E731
+    runner.records = [runner.base,
+                      ModelRecord("s1", "phase1", "sdft", "sdft", 0.01, 1, samples=samples({0: 1, 1: 1, 2: 0}),
+                                  kl=kl([0.2, 0.4])),
+                      ModelRecord("s0", "phase1", "sdft", "sdft", 0.01, 0, samples=samples({2: 1, 0: 0, 1: 0}),
+                                  kl=kl([0.0, 0.2]))]
+    (setting,) = runner.settings()
+    assert setting.strict == (False, False, True, True, True, False)  # seed 0 then seed 1, by question index
+    assert setting.base_strict == (False, True, False) * 2
+    assert setting.prior_kl == pytest.approx((0.1, 0.3))  # per prompt, mean over seeds
+
+
+def test_progress_estimate():
+    from sdft_ray.study.run import StudyProgress
+
+    p = StudyProgress(lambda s: None)
+    p.plan("train:sft", 2)
+    p.plan("train:sdft", 1)
+    p.plan("eval:model", 3)
+    assert p.estimate() is None
+    p.done("train:sft", 10.0)
+    p.done("eval:model", 30.0)
+    p.done("eval:model", None)  # reused: done, not timed
+    # left: 1 sft (10 s) + 1 sdft (not measured: mean of all measured = 20 s) + 1 eval (30 s)
+    assert p.estimate() == pytest.approx(60.0)
+
+
+# ---- end to end ------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_quick_study_end_to_end(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "run_study.py"), "--quick", "--out", str(out),
-                           "--work", str(work)], cwd=REPO, capture_output=True, text=True, timeout=540)
+    cmd = [sys.executable, str(REPO / "scripts" / "run_study.py"), "--quick", "--out", str(out), "--work", str(work)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     spec = load_study(work / "study.yaml")
-    with open(out / "results.csv", encoding="utf-8") as fh:
-        table = list(csv.DictReader(fh))
-    assert list(table[0])[:len(RESULT_COLUMNS)] == list(RESULT_COLUMNS)
-    jsonl = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert len(jsonl) == len(table)
-    have = {(r["method"], float(r["lr"]), int(r["stage"]), r["task"]) for r in table if r["kind"] == "all"}
-    for method in spec.methods:
-        for lr in spec.lrs:
-            for stage in range(len(spec.stages) + 1):
-                for task in ("fictional_facts", "tool_calls", "prior"):
-                    assert (method, lr, stage, task) in have, (method, lr, stage, task)
-    assert all(0.0 <= float(r["score"]) <= 1.0 for r in table)
-    teacher = list(csv.DictReader(open(out / "teacher.csv", encoding="utf-8")))
-    roles = {(r["task"], r["role"]) for r in teacher}
-    assert ("fictional_facts", "teacher (query + demonstration)") in roles
-    assert ("tool_calls", "teacher (query + demonstration)") in roles
+    runs = [r for r in csv.DictReader(open(out / "runs.csv", encoding="utf-8"))]
+    phase1 = {(r["arm"], float(r["lr"]), int(r["seed"])) for r in runs if r["phase"] == "phase1"}
+    assert phase1 == {(a.name, lr, s) for a in spec.arms for lr in a.lrs for s in spec.seeds}
+    assert {r["run"] for r in runs if r["phase"] == "phase2"} == {f"p2/{v}" for v in spec.variants}
+    assert all(float(r["train_s"]) > 0 and int(r["steps"]) >= 1 for r in runs)
+    results = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
+    for run in [r["run"] for r in runs] + ["base"]:
+        tasks = {r["task"] for r in results if r["run"] == run}
+        assert {"facts_trained", "facts_control", "prior"} <= tasks, run
+    assert {r["task"] for r in results if r["run"] == "base"} >= {"tool_calls"}
+    n_prior = len(_rows(REPO / "data" / "prior" / "eval.jsonl"))
+    kl = list(csv.DictReader(open(out / "prior_kl.csv", encoding="utf-8")))
+    for run in [r["run"] for r in runs] + ["base"]:
+        assert len([r for r in kl if r["run"] == run]) == n_prior
+    assert all(abs(float(r["kl"])) < 1e-5 for r in kl if r["run"] == "base")
+    questions = list(csv.DictReader(open(out / "questions.csv", encoding="utf-8")))
+    trained = [q for q in questions if q["run"] == "base" and q["task"] == "facts_trained"]
+    assert len(trained) == 3 * spec.facts.n_train
+    phase0 = list(csv.DictReader(open(out / "phase0.csv", encoding="utf-8")))
+    assert {r["template"] for r in phase0 if r["role"] == "teacher"} == set(spec.teacher_check.templates)
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["verdict"] in ("supports", "refutes", "inconclusive", "not applicable")
+    tests = list(csv.DictReader(open(out / "tests.csv", encoding="utf-8")))
+    assert {t["comparison"] for t in tests} >= {"base vs setting", "SFT vs SDFT", "curriculum: SFT vs SDFT"}
     for name in ("frontier.png", "curriculum.png"):
-        assert (out / name).stat().st_size > 0
-    training = [json.loads(x) for x in (out / "training.jsonl").read_text().splitlines()]
-    assert {(r["method"], r["lr"], r["stage"]) for r in training} == {
-        (m, lr, k) for m in spec.methods for lr in spec.lrs for k in range(1, len(spec.stages) + 1)}
-    runtimes = json.loads((out / "runtimes.json").read_text())
-    assert len(runtimes["runs"]) == len(spec.methods) * len(spec.lrs) * len(spec.stages)
-    # a rerun with the same work folder reuses every finished stage (no training)
-    again = subprocess.run([sys.executable, str(REPO / "scripts" / "run_study.py"), "--quick", "--out", str(out),
-                            "--work", str(work)], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    assert "## Phase 0: the teacher check" in summary and "**Verdict:" in summary
+    training = _rows(out / "training.jsonl")
+    assert {r["run"] for r in training} == {r["run"] for r in runs}
+    # the first seed's checkpoints stay (phase 2 starts there), the other seeds' weights go
+    kept = {p.parts[-5] for p in (work / "runs").glob("p1-*/checkpoints/*/student/config.json")}
+    assert kept == {f"p1-{a.name}-lr1e-2-s{spec.seeds[0]}" for a in spec.arms}
+    # a rerun with the same work folder trains and evaluates nothing
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert ": training " not in again.stdout and again.stdout.count("reusing") == len(runtimes["runs"])
+    assert "training from" not in again.stdout and "evaluating" not in again.stdout
+    assert again.stdout.count("reusing the finished run") == len(runs)

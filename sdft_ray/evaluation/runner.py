@@ -40,6 +40,7 @@ __all__ = [
     "evaluate_task",
     "evaluate_with_actors",
     "resolve_checkpoint",
+    "task_prompts",
     "write_results",
 ]
 
@@ -101,13 +102,20 @@ def _summary(task: EvalTask, kind: str, scores: np.ndarray, lengths: np.ndarray,
     return row
 
 
-def evaluate_task(engine: RolloutEngine, tokenizer: Any, task: EvalTask, *, greedy: bool = True, seed: int = 0,
-                  limit: int | None = None) -> TaskResult:
-    """Generate for, and score, every example of ``task`` (its first ``limit`` rows)."""
+def task_prompts(task: EvalTask, tokenizer: Any, limit: int | None = None) -> tuple[list[Example], list[tuple[int, ...]]]:
+    """The examples of ``task`` (its first ``limit`` rows) and their prompt token ids, rendered
+    with the chat template exactly as the rollout actors see them."""
     examples = load_examples(task.resolved_path(), columns={"prompt": task.prompt_column},
                              require_demonstration=False, limit=limit)
     builder = PromptBuilder(tokenizer, system_prompt=task.system_prompt, max_prompt_tokens=_NO_LIMIT,
                             max_teacher_prompt_tokens=_NO_LIMIT)
+    return examples, [builder.student_ids(ex) for ex in examples]
+
+
+def evaluate_task(engine: RolloutEngine, tokenizer: Any, task: EvalTask, *, greedy: bool = True, seed: int = 0,
+                  limit: int | None = None) -> TaskResult:
+    """Generate for, and score, every example of ``task`` (its first ``limit`` rows)."""
+    examples, prompts = task_prompts(task, tokenizer, limit)
     scorer = task.scorer()
     references = [_reference(ex, task) for ex in examples]
     for ex, ref in zip(examples, references):  # a bad reference fails before any generation
@@ -120,7 +128,6 @@ def evaluate_task(engine: RolloutEngine, tokenizer: Any, task: EvalTask, *, gree
     if not examples:
         return TaskResult([], [])
     kinds = [str(ex.extra.get(task.kind_column)) if task.kind_column else ALL_KINDS for ex in examples]
-    prompts = [builder.student_ids(ex) for ex in examples]
     n = task.num_samples
     gens = engine.generate([p for p in prompts for _ in range(n)], _sampling(task, greedy, seed))
     scores = np.zeros((len(examples), n))
@@ -134,7 +141,7 @@ def evaluate_task(engine: RolloutEngine, tokenizer: Any, task: EvalTask, *, gree
         lengths[i, s], finished[i, s] = len(gen.token_ids), bool(gen.finished)
         samples.append({"task": task.name, "kind": kinds[i], "index": examples[i].index, "sample": s,
                         "response": text, "reference": references[i], "score": float(scores[i, s]),
-                        "finished": bool(gen.finished)})
+                        "finished": bool(gen.finished), "tokens": len(gen.token_ids)})
     rows = [_summary(task, ALL_KINDS, scores, lengths, finished)]
     if task.kind_column:
         for kind in sorted(set(kinds)):
