@@ -51,10 +51,13 @@ def test_shipped_study_files_validate():
     gate = full.teacher_check.gate
     assert (gate.strict, gate.paraphrase, gate.finished) == (0.70, 0.50, 0.90)
     assert full.eval.max_new_tokens >= 96 and full.forgetting.max_new_tokens >= 96
-    assert (full.facts.n_train, full.facts.n_control) == (24, 24)
-    sft = full.arm("sft")
-    assert sft.variant == "sft" and len(sft.lrs) >= 3
-    assert sum(len(a.lrs) for a in full.arms if a.variant == "sdft") >= 2
+    # issue 11's phase 1: controls, >= 8 samples per fact, SFT and SDFT at >= 2 lrs x >= 2 seeds, EMA 0.01,
+    # a frozen-teacher arm and the framing remedy
+    assert full.facts.n_train >= 12 and full.facts.n_control >= 12 and full.facts.epochs >= 8
+    for name in ("sft", "sdft"):
+        assert len(full.arm(name).lrs) >= 2 and len(full.arm_seeds(full.arm(name))) >= 2
+    assert full.arm("sdft_frozen").overrides["teacher"]["kind"] == "frozen"
+    assert full.arm("sdft_remedy").overrides["loss"]["position_weights"] == "demonstration_shift"
     template = full.teacher_check.templates["paper_no_thinking"]
     cfg = full.run_config(full.arm("sdft"), 5e-5, 1, model_path="m", data_path="d", out_dir="runs/x",
                           template=template, epochs=full.facts.epochs)
@@ -84,11 +87,21 @@ def test_shipped_study_files_validate():
     ({"teacher_check": {"templates": {"bad": "{prompt} only"}}}, "bad"),
     ({"teacher_check": {"templates": {"a": "{prompt} {demonstration}"}, "gate": {"strict": 1.5}}}, "strict"),
     ({"facts": {"epochs": 1, "min_samples_per_fact": 8}}, "min_samples_per_fact"),
+    ({"seeds": [0, 1], "arms": [{"name": "a", "variant": "sft", "lrs": [1e-3], "seeds": [2]}]}, "arms[a].seeds"),
+    ({"seeds": [0, 1], "arms": [{"name": "a", "variant": "sft", "lrs": [1e-3], "seeds": [1]}]}, "first one"),
 ])
 def test_bad_study_names_the_field(change, field):
     with pytest.raises(ConfigError) as err:
         study_from_dict(_tree(**change), "quick.yaml")
     assert field in str(err.value)
+
+
+def test_an_arm_can_run_fewer_seeds():
+    spec = study_from_dict(_tree(seeds=[0, 1, 2], arms=[
+        {"name": "full", "variant": "sft", "lrs": [1e-3]},
+        {"name": "ablation", "variant": "sft", "lrs": [1e-3, 2e-3], "seeds": [2, 0]}]), "quick.yaml")
+    assert spec.arm_seeds(spec.arm("full")) == [0, 1, 2]
+    assert spec.arm_seeds(spec.arm("ablation")) == [0, 2]  # the study's order
 
 
 # ---- data design -----------------------------------------------------------------------------

@@ -364,7 +364,7 @@ class StudyRunner:
 
     # ---- phase 1 -------------------------------------------------------------------------
     def phase1_runs(self) -> list[tuple[ArmSpec, float, int]]:
-        return [(arm, lr, seed) for arm in self.spec.arms for lr in arm.lrs for seed in self.spec.seeds]
+        return [(arm, lr, seed) for arm in self.spec.arms for lr in arm.lrs for seed in self.spec.arm_seeds(arm)]
 
     def phase1(self) -> None:
         spec = self.spec

@@ -108,6 +108,8 @@ class ArmSpec(_Section):
     variant: str = Field(..., min_length=1, description="algorithm.variant: sft | sdft | ...")
     lrs: list[float] = Field(..., min_length=1, description="Peak learning rates; every one is run with every seed.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="RunConfig tree merged for this arm only.")
+    seeds: list[int] | None = Field(None, min_length=1, description="This arm's seeds, a subset of the study's "
+                                    "(an ablation run with fewer seeds); default: all of the study's seeds.")
 
     @field_validator("lrs")
     @classmethod
@@ -146,6 +148,9 @@ class StudySpec(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"arms: names must be unique, got {names}")
         for arm in self.arms:
+            if arm.seeds is not None and not (set(arm.seeds) <= set(self.seeds) and self.seeds[0] in arm.seeds):
+                raise ValueError(f"arms[{arm.name}].seeds: {arm.seeds} must be a subset of seeds {self.seeds} "
+                                 f"holding the first one, {self.seeds[0]} (its checkpoints start phase 2)")
             cfg = self.run_config(arm, arm.lrs[0], self.seeds[0], model_path=self.model, data_path=self.facts.train,
                                   out_dir="runs/study-check", template=next(iter(self.teacher_check.templates.values())),
                                   epochs=self.facts.epochs)
@@ -162,6 +167,10 @@ class StudySpec(_Section):
         return self
 
     # ---- derived ---------------------------------------------------------------------------
+    def arm_seeds(self, arm: ArmSpec) -> list[int]:
+        """The seeds an arm runs with, in the study's order."""
+        return [s for s in self.seeds if arm.seeds is None or s in arm.seeds]
+
     def arm(self, name: str) -> ArmSpec:
         return next(a for a in self.arms if a.name == name)
 
