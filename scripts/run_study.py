@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     (work / "study.yaml").write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    runs = sum(len(a.lrs) for a in spec.arms) * len(spec.seeds)
+    runs = sum(len(a.lrs) * len(spec.arm_seeds(a)) for a in spec.arms)
     print(f"[study] {spec.model}: {len(spec.arms)} arms ({', '.join(a.name for a in spec.arms)}), {runs} phase-1 runs, "
           f"seeds {spec.seeds}, {spec.facts.n_train} trained + {spec.facts.n_control} control facts x "
           f"{spec.facts.epochs:g} epochs; load average {os.getloadavg()}", flush=True)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: config keys (dotted prefixes) that may differ between a checkpoint and the run resuming it
 RESUMABLE_CHANGES = ("fault_tolerance", "output.progress", "output.log_every", "output.loggers", "output.run_name",
                      "output.project", "output.tags", "output.keep_last", "output.checkpoint_every",
-                     "output.keep_best", "output.best_mode", "output.save_final", "output.dir",
+                     "output.keep_best", "output.best_mode", "output.save_final", "output.dir", "output.show_answers",
                      "placement.strategy", "placement.node_resources")
 
 

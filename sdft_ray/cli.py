@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = train(cfg, resume=args.resume, trust_checkpoint=args.trust_checkpoint,
                             allow_config_change=args.allow_config_change)
+            from sdft_ray.answers import show_answers
+
+            answers = show_answers(cfg, summary)
+            if answers:
+                print(answers, flush=True)
             last = summary["history"][-1] if summary["history"] else {}
             print(json.dumps({"steps": summary["steps"], "seconds": round(summary["seconds"], 1),
                               "final_loss": last.get("loss"), "checkpoint": summary["latest_checkpoint"]}))

@@ -176,6 +176,24 @@ class FaultToleranceConfig(_Section):
     max_run_restarts: int = Field(0, ge=0, description="Automatic resumes from the last checkpoint on learner failure.")
 
 
+class ShowAnswersConfig(_Section):
+    """After training: the base model's and the trained student's greedy answers, side by side
+    (sdft_ray/answers.py; printed at the end of ``sdft-ray train`` and written to answers.json)."""
+
+    trained: int = Field(0, ge=0, description="The first N rows of data.path (questions the run trained on).")
+    prior: int = Field(0, ge=0, description="The first N rows of prior_path (what the model knew before).")
+    prior_path: str | None = Field(None, description="JSONL of other questions, e.g. data/prior/eval.jsonl.")
+    prompt_column: str = Field("prompt", description="Question column of prior_path.")
+    reference_column: str = Field("answer", description="Reference answers (contains metric), in either file.")
+    max_new_tokens: int = Field(64, ge=1, description="Greedy answer length.")
+
+    @model_validator(mode="after")
+    def _prior_needs_a_file(self) -> "ShowAnswersConfig":
+        if self.prior and not self.prior_path:
+            raise ValueError(f"output.show_answers.prior = {self.prior} needs output.show_answers.prior_path")
+        return self
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs/sdft", description="Run folder: checkpoints/, metrics.jsonl, tensorboard/, trackers.json.")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
@@ -195,6 +213,7 @@ class OutputConfig(_Section):
         "auto", description="auto = a progress bar on a terminal, else one plain line per step (job logs); "
                             "bar; lines; off = neither (nor the time-per-role table at the end).")
     log_every: int = Field(1, ge=1, description="progress 'lines': one line every N steps (and at the last step).")
+    show_answers: ShowAnswersConfig = Field(default_factory=ShowAnswersConfig)
 
     @model_validator(mode="before")
     @classmethod

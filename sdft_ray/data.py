@@ -79,6 +79,13 @@ class Example:
         """True when the prompt is a list of chat messages."""
         return not isinstance(self.prompt, str)
 
+    @property
+    def query(self) -> str:
+        """The question as text: the prompt, or a chat prompt's last user turn."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return [m.content for m in self.prompt if m.role == "user"][-1]
+
 
 # --------------------------------------------------------------------------- loading
 

@@ -36,7 +36,7 @@ import torch
 
 from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.config import RunConfig
-from sdft_ray.data import Example, load_examples
+from sdft_ray.data import load_examples
 from sdft_ray.engines import Generation, SamplingSpec
 from sdft_ray.errors import ConfigError, DataError
 from sdft_ray.evaluation.metrics import contains
@@ -74,12 +74,6 @@ def choose_rows(n_rows: int, n: int, seed: int) -> list[int]:
     """``min(n, n_rows)`` distinct row numbers, sorted, drawn with ``numpy.random.default_rng(seed)``."""
     rng = np.random.default_rng(seed)
     return sorted(int(i) for i in rng.choice(n_rows, size=min(n, n_rows), replace=False))
-
-
-def _query(example: Example) -> str:
-    if isinstance(example.prompt, str):
-        return example.prompt
-    return [m.content for m in example.prompt if m.role == "user"][-1]
 
 
 class _Models:
@@ -233,7 +227,7 @@ def run_probe(cfg: RunConfig, *, num_examples: int | None = None, model_folder: 
     divergence, shift = _per_position(models, student_prompts, teacher_prompts, other_prompts,
                                       [a.token_ids for a in student_sampled], cfg.loss.alpha,
                                       cfg.teacher.micro_batch_size, echo)
-    rows = [ProbeRow(index=ex.index, source=ex.source, prompt=_query(ex), demonstration=ex.demonstration,
+    rows = [ProbeRow(index=ex.index, source=ex.source, prompt=ex.query, demonstration=ex.demonstration,
                      reference=references[j], other_index=others[j].index if with_shift else None,
                      student_greedy=student_greedy[j], student_sampled=student_sampled[j],
                      teacher_greedy=teacher_greedy[j], teacher_sampled=teacher_sampled[j],
@@ -252,7 +246,7 @@ def run_probe(cfg: RunConfig, *, num_examples: int | None = None, model_folder: 
         "data": cfg.data.path, "num_examples": n, "rows": [ex.index for ex in kept], "seed": cfg.schedule.seed,
         "teacher_template": cfg.prompts.teacher_template,
         "teacher_template_text": resolve_template(cfg.prompts.teacher_template),
-        "example_teacher_turn": fill_template(resolve_template(cfg.prompts.teacher_template), _query(kept[0]),
+        "example_teacher_turn": fill_template(resolve_template(cfg.prompts.teacher_template), kept[0].query,
                                               kept[0].demonstration or "") if with_shift else None,
         "max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
         "loss_alpha": cfg.loss.alpha, "skip_first_tokens": skip, "framing_window": window,

@@ -20,11 +20,17 @@ def test_train_then_export_loads_and_generates(ray_local, tiny_model_dir, tiny_d
         "model": {"path": str(tiny_model_dir)}, "data": {"path": str(tiny_data)},
         "rollout": {"max_new_tokens": 8}, "schedule": {"prompts_per_step": 4, "max_steps": 2},
         "placement": {r: {"num_cpus": 0.5} for r in ("rollout", "teacher", "learner")},
-        "output": {"dir": str(tmp_path / "run"), "progress": "off"},
+        "output": {"dir": str(tmp_path / "run"), "progress": "off",
+                   "show_answers": {"trained": 2, "prior": 1, "prior_path": str(tiny_data), "max_new_tokens": 4}},
     }))
     assert main(["train", str(config), "--set", "learner.lr=1e-3"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
     assert summary["steps"] == 2 and summary["checkpoint"].endswith("step-00000002")
+    # the run ends with the answers before and after training: 2 trained questions + 1 other, 3 lines each
+    start = next(i for i, line in enumerate(out) if line.startswith("Answers before -> after training"))
+    assert [line.split("]")[0] for line in out[start + 1:start + 10:3]] == ["[trained", "[trained", "[prior"]
+    assert len(json.loads((tmp_path / "run" / "answers.json").read_text())) == 3
     assert (tmp_path / "run" / "tensorboard").is_dir() and (tmp_path / "run" / "metrics.jsonl").is_file()
 
     for weights in ("student", "teacher"):

@@ -17,11 +17,11 @@ def test_prompt_plus_response_must_fit_the_models_context(tmp_path):
     folder = build_random_model(tmp_path / "short", make_test_tokenizer())
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
-    data = write_facts(tmp_path / "facts.jsonl")  # teacher prompts of 99 tokens
-    with pytest.raises(ValueError, match=r"rollout.max_new_tokens = 40 plus the longest prompt \(99 tokens.* "
+    data = write_facts(tmp_path / "facts.jsonl")  # teacher prompts of 101 tokens (the paper template)
+    with pytest.raises(ValueError, match=r"rollout.max_new_tokens = 40 plus the longest prompt \(101 tokens.* "
                                          r"context of 128"):
         prepare(tiny_config(folder, data, tmp_path / "run", rollout={"max_new_tokens": 40}))
-    assert prepare(tiny_config(folder, data, tmp_path / "run", rollout={"max_new_tokens": 29})).examples
+    assert prepare(tiny_config(folder, data, tmp_path / "run", rollout={"max_new_tokens": 27})).examples
 
 
 def test_external_teacher_must_have_the_students_output_size(tmp_path):
