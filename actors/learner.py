@@ -25,6 +25,7 @@ from sdft_ray.config import RunConfig
 from sdft_ray.distributed import all_reduce_sum
 from sdft_ray.ema import EmaWeights
 from sdft_ray.forward import micro_batches, pad_right, response_logits
+from sdft_ray.lora import adapter_tensors, add_adapters, save_adapter
 from sdft_ray.losses import (LossSpec, TeacherSignal, distillation_loss, response_loss_mask, sft_loss,
                              shift_position_weights)
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
@@ -142,8 +143,12 @@ class LearnerWorker(SyncGroupMember):
         lc = self.cfg.learner
         model = load_causal_lm(self.model_folder, "float32", self.cfg.model.trust_remote_code)
         model.config.use_cache = False
+        if self.cfg.model.lora is not None:  # train adapters on the frozen base (sdft_ray/lora.py)
+            model = add_adapters(model, self.cfg.model.lora)
         if lc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            if self.cfg.model.lora is not None:
+                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         self.pad_id = int(load_tokenizer(self.model_folder, self.cfg.model.trust_remote_code).pad_token_id)
         per_rank = self.cfg.sequences_per_learner
         micro = min(lc.micro_batch_size, per_rank)
@@ -162,7 +167,7 @@ class LearnerWorker(SyncGroupMember):
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
         warmup = math.ceil(lc.warmup_ratio * self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(lc.lr_schedule, warmup, self.total_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -175,10 +180,18 @@ class LearnerWorker(SyncGroupMember):
         return {"rank": self.rank, "device": str(self.device), "zero_stage": lc.zero_stage, "pid": os.getpid()}
 
     # ---- weights ---------------------------------------------------------------------------
-    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Rank 0: yield (name, full fp32 CPU tensor), one tensor at a time. Under ZeRO-3 every rank
-        must iterate (the gathers are collectives), but only rank 0 copies to host memory."""
+    def synced_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What the other roles receive and the EMA follows: every parameter, or with
+        ``model.lora`` the adapters alone."""
         named = list(self.engine.module.named_parameters())
+        return named if self.cfg.model.lora is None else list(adapter_tensors(named))
+
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Rank 0: yield (name, full fp32 CPU tensor), one tensor at a time: every weight, or with
+        ``model.lora`` only the adapters (what the learner trains and the other roles receive).
+        Under ZeRO-3 every rank must iterate (the gathers are collectives), but only rank 0 copies
+        to host memory."""
+        named = self.synced_parameters()
         if self.cfg.learner.zero_stage != 3:
             for name, param in named:
                 yield name, param.detach().to("cpu", torch.float32)
@@ -321,7 +334,7 @@ class LearnerWorker(SyncGroupMember):
             named = self.rank0_parameters()
             if named is not None:  # streamed: one parameter in flight, names checked before any moves
                 self.ema.update(named, self.cfg.teacher.ema_rate,
-                                names=[n for n, _ in self.engine.module.named_parameters()])
+                                names=[n for n, _ in self.synced_parameters()])
             out["ema_seconds"] = time.perf_counter() - t0
         return out
 
@@ -384,14 +397,18 @@ class LearnerWorker(SyncGroupMember):
         from safetensors.torch import save_file
 
         folder_path = Path(folder)
+        lora = self.cfg.model.lora
         self.engine.save_checkpoint(str(folder_path / "deepspeed"), tag="learner",
-                                    client_state={**client_state, "torch_rng": torch.get_rng_state()})
+                                    client_state={**client_state, "torch_rng": torch.get_rng_state()},
+                                    exclude_frozen_parameters=lora is not None)  # LoRA: the base is the model folder
         params = self.rank0_parameters()
         if params is None:
             return {"rank": self.rank}
         state = {n: t.clone() for n, t in params}
-        module = self.engine.module
-        module.save_pretrained(folder_path / "student", state_dict=state, safe_serialization=True)
+        if lora is not None:  # student/ = a PEFT adapter folder (loads merged through models.load_causal_lm)
+            save_adapter(folder_path / "student", state.items(), lora, self.model_folder)
+        else:
+            self.engine.module.save_pretrained(folder_path / "student", state_dict=state, safe_serialization=True)
         load_tokenizer(self.model_folder).save_pretrained(folder_path / "student")
         if self.ema is not None:
             save_file({n: t.contiguous() for n, t in self.ema.state_dict().items()}, str(folder_path / "teacher_ema.safetensors"))
@@ -409,7 +426,8 @@ class LearnerWorker(SyncGroupMember):
 
         folder_path = Path(folder)
         _, client = self.engine.load_checkpoint(str(folder_path / "deepspeed"), tag="learner",
-                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                load_module_strict=self.cfg.model.lora is None)
         if client and "torch_rng" in client:
             torch.set_rng_state(client["torch_rng"])
         if self.ema is not None:

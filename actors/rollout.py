@@ -15,10 +15,10 @@ from sdft_ray.weights import WeightHandle, get_transport
 class RolloutWorker(WeightHolder, SyncGroupMember):
     def __init__(self, worker_index: int, model_folder: str, engine: str, dtype: str,
                  trust_remote_code: bool = False, batch_size: int = 16, engine_options: dict | None = None,
-                 resources: dict | None = None):
+                 resources: dict | None = None, lora: dict | None = None):
         set_torch_threads(resources)
         self.worker_index = worker_index
-        self.engine = make_engine(engine, model_folder, dtype, trust_remote_code, batch_size, engine_options)
+        self.engine = make_engine(engine, model_folder, dtype, trust_remote_code, batch_size, engine_options, lora)
         self.start_incarnation()
 
     def update_weights(self, handle: WeightHandle) -> int:

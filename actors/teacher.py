@@ -18,7 +18,7 @@ class TeacherScorer(WeightHolder, SyncGroupMember):
     def __init__(self, worker_index: int, model_folder: str, dtype: str, signal: str, top_k: int,
                  micro_batch_size: int, transfer_dtype: str = "float32", trust_remote_code: bool = False,
                  resources: dict | None = None, run_config: dict | None = None, engine: str = "hf",
-                 engine_options: dict | None = None):
+                 engine_options: dict | None = None, lora: dict | None = None):
         set_torch_threads(resources)
         self.worker_index = worker_index
         self.model = self.vllm = None
@@ -28,7 +28,13 @@ class TeacherScorer(WeightHolder, SyncGroupMember):
             self.vllm = make_engine("vllm", model_folder, dtype, trust_remote_code, extra=engine_options)
         else:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.model = load_causal_lm(model_folder, dtype, trust_remote_code).to(device).eval()
+            model = load_causal_lm(model_folder, dtype, trust_remote_code)
+            if lora is not None:  # base model + the (EMA) adapters that weight sync sends
+                from sdft_ray.config import LoraSettings
+                from sdft_ray.lora import add_adapters
+
+                model = add_adapters(model, LoraSettings.model_validate(lora))
+            self.model = model.to(device).eval()
         self.tokenizer = load_tokenizer(model_folder, trust_remote_code)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.variant, self.demonstration_shift = None, False

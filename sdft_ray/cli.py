@@ -2,7 +2,7 @@
 
     sdft-ray train CONFIG [--set a.b=c ...] [--resume latest|PATH]
     sdft-ray probe CONFIG [--set a.b=c ...] [--num-examples N] [--out FILE]
-    sdft-ray export CHECKPOINT OUT [--weights student|teacher]
+    sdft-ray export CHECKPOINT OUT [--weights student|teacher] [--adapter]
     sdft-ray eval CHECKPOINT TASKS... --out DIR [--limit N] [--engine hf|vllm]
     sdft-ray lm-eval-task TASK.yaml --data LOCAL_DATA --out DIR [--num-fewshot N --fewshot-data F]
 """
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint folder (runs/x/checkpoints/step-...) or a run folder")
     export.add_argument("out", help="output folder (must not exist or be empty)")
     export.add_argument("--weights", choices=["student", "teacher"], default="student")
+    export.add_argument("--adapter", action="store_true",
+                        help="LoRA runs: write the PEFT adapter folder alone instead of the merged model")
     evaluate = sub.add_parser("eval", help="score a checkpoint on evaluation tasks (JSONL/CSV results)")
     evaluate.add_argument("checkpoint", help="a checkpoint folder, a run folder (its latest), an HF folder or embedded:NAME")
     evaluate.add_argument("tasks", nargs="+", help="task YAML files or folders (configs/eval/...)")
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from sdft_ray.export import export_checkpoint
 
-        print(export_checkpoint(_latest(args.checkpoint), args.out, args.weights))
+        print(export_checkpoint(_latest(args.checkpoint), args.out, args.weights, adapter_only=args.adapter))
         return 0
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,6 +26,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSettings(_Section):
+    """LoRA adapters (sdft_ray/lora.py): the learner trains low-rank adapters on the frozen base model;
+    the EMA teacher is the base plus an EMA of the adapters; only adapter tensors are synced."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is (alpha / r) * B @ A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (training only).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names (suffixes) that get adapters; ['all-linear'] = every linear layer but the output.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("model.lora.target_modules must name at least one module")
+        return value
+
+
 class ModelConfig(_Section):
     path: str = Field(
         "embedded:smollm2-135m-instruct",
@@ -35,6 +54,7 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype in every role.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder (off by default).")
     cache_dir: str | None = Field(None, description="Where converted embedded models are cached.")
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of every weight (null = full).")
 
 
 class DataConfig(_Section):
@@ -288,6 +308,9 @@ class RunConfig(_Section):
         if self.algorithm.variant != "sft" and self.loss.skip_first_tokens >= self.rollout.max_new_tokens:
             raise ValueError(f"loss.skip_first_tokens = {self.loss.skip_first_tokens} masks every response token "
                              f"(rollout.max_new_tokens = {self.rollout.max_new_tokens}): the loss would always be 0")
+        if self.model.lora is not None and "vllm" in (self.rollout.engine, self.teacher.engine):
+            raise ValueError("model.lora: vLLM engines do not load sdft-ray's adapters yet; use rollout.engine and "
+                             "teacher.engine 'hf' with LoRA")
         if self.loss.position_weights == "demonstration_shift" and self.teacher.engine != "hf":
             raise ValueError("loss.position_weights 'demonstration_shift' scores each response twice with the "
                              "teacher model: it needs teacher.engine 'hf'")

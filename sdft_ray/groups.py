@@ -78,6 +78,8 @@ class RunGroups:
         if any(spec.name == MAIN_TEACHER for spec in self.extra_teachers):
             raise ValueError(f"extra teacher groups cannot be named {MAIN_TEACHER!r}")
         self.signal = teacher_signal_kind(cfg)
+        # model.lora: the student's roles hold the base model plus adapters (an external teacher does not)
+        self.lora = cfg.model.lora.model_dump() if cfg.model.lora is not None else None
         self.placement: Placement | None = None
         self.learners: LearnerGroup | None = None
         self.rollout: RoleGroup | None = None
@@ -105,7 +107,8 @@ class RunGroups:
             self.rollout_actor, place.rollout.count, place.group, place.rollout.first_bundle, place.rollout.resources,
             lambda i: ((i, self.model_folder, cfg.rollout.engine), dict(
                 batch_size=cfg.rollout.batch_size, engine_options=cfg.rollout.vllm, dtype=cfg.model.dtype,
-                trust_remote_code=cfg.model.trust_remote_code, resources=place.rollout.resources.model_dump())),
+                trust_remote_code=cfg.model.trust_remote_code, resources=place.rollout.resources.model_dump(),
+                lora=self.lora)),
             max_restarts=restarts), max_restarts=restarts, timeout_s=timeout)
         first = place.teacher.first_bundle
         for spec in [TeacherGroupSpec(MAIN_TEACHER, cfg.teacher.kind, None, cfg.teacher.num_workers)] + self.extra_teachers:
@@ -127,7 +130,8 @@ class RunGroups:
                                    dict(transfer_dtype=cfg.teacher.transfer_dtype,
                                         trust_remote_code=cfg.model.trust_remote_code, resources=res.model_dump(),
                                         run_config=cfg_dict, engine=cfg.teacher.engine,
-                                        engine_options=cfg.teacher.vllm)),
+                                        engine_options=cfg.teacher.vllm,
+                                        lora=self.lora if folder == self.model_folder else None)),
                         max_restarts=restarts)
         return RoleGroup(spec.name, handles, max_restarts=restarts, timeout_s=cfg.fault_tolerance.call_timeout_s,
                          weights_kind=spec.kind)

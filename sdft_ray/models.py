@@ -101,9 +101,9 @@ def resolve_model_path(path: str, cache_dir: str | None = None, field: str = "mo
     folder = Path(path).expanduser()
     if not folder.exists() and is_hub_id(path):
         return cached_model_folder(path, field)
-    if not (folder / "config.json").is_file():
+    if not is_model_folder(folder):
         raise FileNotFoundError(
-            f"{field}: {path!r} is not a Hugging Face model folder (no config.json), not "
+            f"{field}: {path!r} is not a Hugging Face model folder (no config.json) or LoRA adapter folder, not "
             f"'{EMBEDDED_PREFIX}<name>' (known: {sorted(EMBEDDED_MODELS)}) and not a hub id 'org/name' in the "
             "local Hugging Face cache. Nothing is downloaded at run time."
         )
@@ -113,18 +113,33 @@ def resolve_model_path(path: str, cache_dir: str | None = None, field: str = "mo
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from sdft_ray.lora import base_folder_of, is_adapter_folder
+
+    if is_adapter_folder(folder) and not (Path(folder) / "tokenizer_config.json").is_file():
+        folder = base_folder_of(folder)  # an adapter saved without a tokenizer: its base model's
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+def is_model_folder(folder: str | Path) -> bool:
+    """A Hugging Face model folder, or a LoRA adapter folder (loaded merged into its base)."""
+    from sdft_ray.lora import is_adapter_folder
+
+    return (Path(folder) / "config.json").is_file() or is_adapter_folder(folder)
+
+
 def load_causal_lm(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """The model in ``folder``; a LoRA adapter folder comes back merged into its base model."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
-    )
+    from sdft_ray.lora import is_adapter_folder, load_merged
+
+    if is_adapter_folder(folder):
+        model = load_merged(folder, torch_dtype(dtype), trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     model.config.use_cache = True
     return model
 

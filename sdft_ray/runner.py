@@ -51,6 +51,9 @@ def prompt_builder(cfg: RunConfig, tokenizer, teacher_template: str | None = Non
 def _model_config(folder: Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    from sdft_ray.lora import base_folder_of, is_adapter_folder
+
+    folder = base_folder_of(folder) if is_adapter_folder(folder) else folder  # an adapter: its base's config
     return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 

@@ -42,11 +42,14 @@ class RolloutEngine(Protocol):
 
 
 def make_engine(kind: str, model_folder: str, dtype: str, trust_remote_code: bool = False,
-                batch_size: int = 16, extra: dict | None = None) -> RolloutEngine:
+                batch_size: int = 16, extra: dict | None = None, lora: dict | None = None) -> RolloutEngine:
     if kind == "hf":
         from sdft_ray.engines.hf import HFEngine
 
-        return HFEngine(model_folder, dtype=dtype, trust_remote_code=trust_remote_code, batch_size=batch_size)
+        return HFEngine(model_folder, dtype=dtype, trust_remote_code=trust_remote_code, batch_size=batch_size,
+                        lora=lora)
+    if lora is not None:
+        raise ValueError("model.lora: the vLLM engine does not load sdft-ray's adapters yet (use engine 'hf')")
     if kind == "vllm":
         from sdft_ray.engines.vllm import VLLMEngine
 

@@ -76,9 +76,16 @@ class StepLogprobs:
 
 class HFEngine:
     def __init__(self, model_folder: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 batch_size: int = 16, device: str | None = None, share_prompts: bool = True):
+                 batch_size: int = 16, device: str | None = None, share_prompts: bool = True,
+                 lora: dict | None = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_causal_lm(model_folder, dtype, trust_remote_code).to(self.device).eval()
+        model = load_causal_lm(model_folder, dtype, trust_remote_code)
+        if lora is not None:  # the learner's adapters arrive by weight sync (model.lora)
+            from sdft_ray.config import LoraSettings
+            from sdft_ray.lora import add_adapters
+
+            model = add_adapters(model, LoraSettings.model_validate(lora))
+        self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(model_folder, trust_remote_code)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.default_stops = tuple(stop_token_ids(self.tokenizer, self.model.generation_config))

@@ -62,10 +62,10 @@ class TaskResult:
 def resolve_checkpoint(model_folder: str | os.PathLike[str]) -> Path:
     """A Hugging Face folder for ``model_folder``: an HF folder, ``embedded:<name>``, or an
     sdft-ray checkpoint directory (its ``student/``)."""
-    from sdft_ray.models import resolve_model_path
+    from sdft_ray.models import is_model_folder, resolve_model_path
 
     folder = Path(model_folder)
-    if (folder / "student" / "config.json").is_file() and not (folder / "config.json").is_file():
+    if is_model_folder(folder / "student") and not is_model_folder(folder):
         return folder / "student"
     return resolve_model_path(os.fspath(model_folder))
 

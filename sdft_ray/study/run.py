@@ -36,6 +36,7 @@ from typing import Any
 
 from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.errors import ConfigError
+from sdft_ray.models import is_model_folder
 from sdft_ray.study.design import (fact_demonstrations, pick_rows, reference_demonstrations, select_facts,
                                    teacher_rows)
 from sdft_ray.study.spec import ArmSpec, StudySpec, resolve_teacher_template
@@ -322,7 +323,7 @@ class StudyRunner:
                 self.progress.say(f"{record.run}: reusing the finished run")
                 return record
         ckpt = CheckpointManager(run_dir / "checkpoints").latest()
-        trained = (ckpt is not None and (ckpt / "student" / "config.json").is_file()
+        trained = (ckpt is not None and is_model_folder(ckpt / "student")
                    and (run_dir / "config.yaml").is_file()
                    and (run_dir / "config.yaml").read_text(encoding="utf-8") == config_text)
         info: dict[str, Any] = {}
