@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--work", default=None, help="runs, checkpoints, caches (default runs/study[-quick])")
     ap.add_argument("--fresh", action="store_true", help="delete --work first instead of reusing finished runs")
     ap.add_argument("--model", help="model folder or embedded:<name> (overrides the study file)")
+    ap.add_argument("--profiles-only", action="store_true",
+                    help="only (re)compute the divergence-by-position profiles of a finished --work")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a study field (dotted, YAML value); repeatable")
     return ap
@@ -103,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
           f"seeds {spec.seeds}, {spec.facts.n_train} trained + {spec.facts.n_control} control facts x "
           f"{spec.facts.epochs:g} epochs; load average {os.getloadavg()}", flush=True)
     t0 = time.perf_counter()
+    if args.profiles_only:
+        import json
+
+        from sdft_ray.study.profiles import divergence_profiles
+
+        chosen = json.loads((out / "gate.json").read_text(encoding="utf-8"))["chosen"]
+        for name, path in divergence_profiles(spec, work, out, spec.teacher_check.templates[chosen]).items():
+            print(f"  {name}: {path}")
+        return 0
     paths = run_study(spec, out, work, echo=lambda s: print(s, flush=True))
     print(f"[study] done in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()}")
     for name, path in paths.items():

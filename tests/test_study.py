@@ -315,8 +315,11 @@ def test_quick_study_end_to_end(tmp_path):
     assert verdict["verdict"] in ("supports", "refutes", "inconclusive", "not applicable")
     tests = list(csv.DictReader(open(out / "tests.csv", encoding="utf-8")))
     assert {t["comparison"] for t in tests} >= {"base vs setting", "SFT vs SDFT", "curriculum: SFT vs SDFT"}
-    for name in ("frontier.png", "curriculum.png"):
+    for name in ("frontier.png", "curriculum.png", "divergence_by_position.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    profiles = list(csv.DictReader(open(out / "divergence_by_position.csv", encoding="utf-8")))
+    assert {r["model"] for r in profiles} == {"base"} | {f"{a.name} lr={lr:g}" for a in spec.arms for lr in a.lrs}
+    assert all(int(r["rows"]) >= 1 and float(r["divergence"]) >= 0 for r in profiles)
     summary = (out / "summary.md").read_text()
     assert "## Phase 0: the teacher check" in summary and "**Verdict:" in summary
     training = _rows(out / "training.jsonl")
@@ -329,3 +332,14 @@ def test_quick_study_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training from" not in again.stdout and "evaluating" not in again.stdout
     assert again.stdout.count("reusing the finished run") == len(runs)
+
+
+def test_profile_rows_average_each_position_over_the_rows_that_reach_it():
+    from sdft_ray.study.profiles import _profile_rows
+
+    report = {"rows": [{"divergence": [1.0, 2.0, 3.0], "shift": [0.5, 0.25, 1.0]},
+                       {"divergence": [3.0, 4.0], "shift": None}]}
+    rows = _profile_rows("m", report)
+    assert [(r["position"], r["rows"], r["divergence"]) for r in rows] == [(0, 2, 2.0), (1, 2, 3.0), (2, 1, 3.0)]
+    assert [r["shift"] for r in rows] == [0.5, 0.25, 1.0]  # only the row with a shift
+    assert {r["model"] for r in rows} == {"m"}

@@ -395,6 +395,13 @@ class StudyRunner:
                                    tuple(sum(v) / len(v) for v in zip(*kls))))
         return out
 
+    def profiles(self) -> None:
+        """Divergence by response position: the base model and every kept phase-1 checkpoint."""
+        from sdft_ray.study.profiles import divergence_profiles
+
+        divergence_profiles(self.spec, self.work, self.out, self.spec.teacher_check.templates[self.chosen.label],
+                            echo=self.progress.say)
+
     # ---- phase 2 -------------------------------------------------------------------------
     def phase2(self) -> None:
         spec = self.spec
@@ -478,6 +485,8 @@ class StudyRunner:
             self.flush()
             if self.gate_passed or self.spec.teacher_check.on_fail == "continue":
                 self.phase1()
+                self.flush()
+                self.profiles()
                 if self.spec.curriculum:
                     self.phase2()
             else:
