@@ -343,3 +343,20 @@ def test_profile_rows_average_each_position_over_the_rows_that_reach_it():
     assert [(r["position"], r["rows"], r["divergence"]) for r in rows] == [(0, 2, 2.0), (1, 2, 3.0), (2, 1, 3.0)]
     assert [r["shift"] for r in rows] == [0.5, 0.25, 1.0]  # only the row with a shift
     assert {r["model"] for r in rows} == {"m"}
+
+
+def test_a_finished_run_saved_by_an_older_schema_is_still_the_same_run():
+    import yaml
+
+    from sdft_ray.study.run import same_run_config
+
+    spec = study_from_dict(_tree(), "quick.yaml")
+    cfg = spec.run_config(spec.arms[1], 0.01, 0, model_path="m", data_path="d", out_dir="o",
+                          template="{prompt} {demonstration}", epochs=1)
+    tree = yaml.safe_load(cfg.to_yaml())
+    del tree["output"]["show_answers"], tree["model"]["lora"]  # keys this schema added later, at their defaults
+    older = yaml.safe_dump(tree)
+    assert same_run_config(older, cfg) and same_run_config(cfg.to_yaml(), cfg)
+    tree["learner"]["lr"] = 0.02
+    assert not same_run_config(yaml.safe_dump(tree), cfg)
+    assert not same_run_config("learner: {lrr: 1}", cfg) and not same_run_config(None, cfg)

@@ -76,6 +76,22 @@ def _sha(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def same_run_config(saved_yaml: str | None, cfg: Any) -> bool:
+    """Whether a finished run was trained with ``cfg``: the saved YAML, read with today's schema,
+    sets the same values (a config key added to sdft-ray since, at its default, changes nothing)."""
+    from sdft_ray.config import config_from_dict
+
+    if not saved_yaml:
+        return False
+    import yaml
+
+    try:
+        saved = config_from_dict(yaml.safe_load(saved_yaml), "saved run config")
+    except (ConfigError, ValueError, yaml.YAMLError):
+        return False
+    return saved.model_dump(exclude_defaults=True) == cfg.model_dump(exclude_defaults=True)
+
+
 def lr_tag(lr: float) -> str:
     return f"{lr:.0e}".replace("+", "").replace("-0", "-")
 
@@ -313,7 +329,7 @@ class StudyRunner:
         tasks = self.model_tasks(tools)
         if done.is_file():
             saved = json.loads(done.read_text(encoding="utf-8"))
-            if saved.get("config") == config_text and saved.get("eval_key") == self._eval_key(tasks):
+            if same_run_config(saved.get("config"), cfg) and saved.get("eval_key") == self._eval_key(tasks):
                 record.rows, record.info = saved["rows"], saved["info"]
                 record.samples = read_jsonl(run_dir / "eval_samples.jsonl")
                 record.kl = read_jsonl(run_dir / "prior_kl.jsonl")
@@ -325,7 +341,7 @@ class StudyRunner:
         ckpt = CheckpointManager(run_dir / "checkpoints").latest()
         trained = (ckpt is not None and is_model_folder(ckpt / "student")
                    and (run_dir / "config.yaml").is_file()
-                   and (run_dir / "config.yaml").read_text(encoding="utf-8") == config_text)
+                   and same_run_config((run_dir / "config.yaml").read_text(encoding="utf-8"), cfg))
         info: dict[str, Any] = {}
         if not trained:
             from sdft_ray.runner import train
