@@ -28,6 +28,7 @@ from sdft_ray.forward import micro_batches, pad_right, response_logits
 from sdft_ray.lora import adapter_tensors, add_adapters, save_adapter
 from sdft_ray.losses import (LossSpec, TeacherSignal, distillation_loss, response_loss_mask, sft_loss,
                              shift_position_weights)
+from sdft_ray.memory import MemoryBaseline, optimizer_state_tensors, tensor_bytes
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.roles import on_ranks
 from sdft_ray.trajectory import TeacherScores, Trajectories
@@ -94,6 +95,7 @@ def collate_signal(scores: list[TeacherScores], rows: list[tuple[int, int]], wid
 class LearnerWorker(SyncGroupMember):
     def __init__(self, rank: int, world_size: int, cfg_dict: dict, model_folder: str, total_steps: int,
                  master_addr: str | None = None, master_port: int | None = None):
+        self.memory = MemoryBaseline()
         self.cfg = RunConfig.model_validate(cfg_dict)
         set_torch_threads(self.cfg.placement.learner)
         self.rank, self.world_size = rank, world_size
@@ -434,6 +436,16 @@ class LearnerWorker(SyncGroupMember):
             self.ema.load_state_dict(load_file(str(folder_path / "teacher_ema.safetensors")))
         self.step = int((client or {}).get("step", 0))
         return {"rank": self.rank, "step": self.step}
+
+    @on_ranks("all")
+    def memory_report(self) -> dict:
+        """This rank's process memory and its tensors by purpose (MiB)."""
+        params = [p for _, p in self.engine.module.named_parameters()]
+        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # DeepSpeed's wrapper
+        return {"rank": self.rank, **self.memory.report(
+            weights=tensor_bytes(params), gradients=tensor_bytes(p.grad for p in params),
+            optimizer=tensor_bytes(optimizer_state_tensors(optimizer)),
+            ema=tensor_bytes(t for _, t in self.ema.named_tensors()) if self.ema is not None else 0.0)}
 
     @on_ranks("all")
     def ping(self) -> int:

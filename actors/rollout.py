@@ -8,6 +8,7 @@ import numpy as np
 
 from actors.group import SyncGroupMember, WeightHolder, set_torch_threads
 from sdft_ray.engines import SamplingSpec, make_engine
+from sdft_ray.memory import MemoryBaseline, tensor_bytes
 from sdft_ray.trajectory import PromptShard, Trajectories
 from sdft_ray.weights import WeightHandle, get_transport
 
@@ -16,10 +17,15 @@ class RolloutWorker(WeightHolder, SyncGroupMember):
     def __init__(self, worker_index: int, model_folder: str, engine: str, dtype: str,
                  trust_remote_code: bool = False, batch_size: int = 16, engine_options: dict | None = None,
                  resources: dict | None = None, lora: dict | None = None):
+        self.memory = MemoryBaseline()
         set_torch_threads(resources)
         self.worker_index = worker_index
         self.engine = make_engine(engine, model_folder, dtype, trust_remote_code, batch_size, engine_options, lora)
         self.start_incarnation()
+
+    def memory_report(self) -> dict:
+        model = getattr(self.engine, "model", None)  # the transformers engine (vLLM keeps its own)
+        return self.memory.report(weights=tensor_bytes(model.parameters()) if model is not None else 0.0)
 
     def update_weights(self, handle: WeightHandle) -> int:
         self.engine.load_weights(get_transport(handle.transport).receive(handle))

@@ -8,6 +8,7 @@ import time
 import torch
 
 from actors.group import SyncGroupMember, WeightHolder, set_torch_threads
+from sdft_ray.memory import MemoryBaseline, tensor_bytes
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.scoring import score_trajectories
 from sdft_ray.trajectory import ScoreReceipt, Trajectories
@@ -19,6 +20,7 @@ class TeacherScorer(WeightHolder, SyncGroupMember):
                  micro_batch_size: int, transfer_dtype: str = "float32", trust_remote_code: bool = False,
                  resources: dict | None = None, run_config: dict | None = None, engine: str = "hf",
                  engine_options: dict | None = None, lora: dict | None = None):
+        self.memory = MemoryBaseline()
         set_torch_threads(resources)
         self.worker_index = worker_index
         self.model = self.vllm = None
@@ -48,6 +50,9 @@ class TeacherScorer(WeightHolder, SyncGroupMember):
         self.signal, self.top_k, self.micro_batch_size = signal, top_k, micro_batch_size
         self.transfer_dtype = torch_dtype(transfer_dtype)
         self.start_incarnation()
+
+    def memory_report(self) -> dict:
+        return self.memory.report(weights=tensor_bytes(self.model.parameters()) if self.model is not None else 0.0)
 
     def update_weights(self, handle: WeightHandle) -> int:
         named = get_transport(handle.transport).receive(handle)

@@ -138,3 +138,35 @@ def test_normaliser_reduces_the_tensor_it_reads_back(monkeypatch):
     total, local = learner._normaliser([traj], None, LossSpec(aggregation="token_mean", skip_first_tokens=1))
     assert (total, local) == (6.0, 3.0)  # 3 local loss tokens + 3 on the other rank
     assert all_reduce_sum([2.0], torch.device("cuda")) == [5.0]
+
+
+def test_zero3_gathers_land_on_rank0_host_only(monkeypatch):
+    """Under ZeRO-3 every rank joins each bucket's gather (a collective), but only rank 0 copies the
+    gathered tensors to host memory (issue 12, bug 10: every rank used to)."""
+    import contextlib
+
+    import deepspeed
+
+    from sdft_ray.config import RunConfig
+
+    gathers: list[int] = []
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters",
+                        lambda params, modifier_rank=None: gathers.append(len(params)) or contextlib.nullcontext())
+    host_copies = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: host_copies.append(a) or real_empty(*a, **k))
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    answers = {}
+    for rank in (0, 1):
+        worker = LearnerWorker.__new__(LearnerWorker)  # no Ray, no engine: only what the gather path reads
+        worker.cfg = RunConfig.model_validate({"learner": {"zero_stage": 3}})
+        worker.rank, worker.engine = rank, type("Engine", (), {"module": module})()
+        gathers.clear(), host_copies.clear()
+        got = worker.rank0_parameters()
+        answers[rank] = (None if got is None else [(n, t.clone()) for n, t in got], len(gathers), len(host_copies))
+    names = [n for n, _ in module.named_parameters()]
+    assert answers[1] == (None, answers[0][1], 0)  # rank 1: the same gathers, no host copy, nothing returned
+    assert answers[0][1] >= 1 and answers[0][2] == len(names)
+    assert [n for n, _ in answers[0][0]] == names
+    for (_, copy), param in zip(answers[0][0], module.parameters()):
+        assert torch.equal(copy, param.detach())
