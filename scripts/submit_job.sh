@@ -9,8 +9,8 @@
 #       --runtime-env-json '{"excludes": [".venv*", "runs", ".git", ...]}' \
 #       -- python -m sdft_ray.cli train CONFIG [--set ...]
 #
-# The repository is uploaded as the job's working directory (without virtual environments, run
-# folders, git history and caches), so the cluster needs only the installed dependencies (see
+# The repository is uploaded as the job's working directory (without virtual environments, run and
+# result folders, git history and caches), so the cluster needs only the installed dependencies (see
 # deploy/Dockerfile). Everything after CONFIG goes to `sdft_ray.cli train` unchanged. Options
 # before CONFIG go to `ray job submit`, e.g. --no-wait or --submission-id ID; without --no-wait
 # the script follows the job's logs and exits 0 only if the job SUCCEEDED.
@@ -40,7 +40,7 @@ ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
 RAY_CLI=${RAY:-ray}
 JOB_PYTHON=${JOB_PYTHON:-python}
 # gitignore-style patterns, relative to the working directory.
-EXCLUDES='".venv*", "venv", "runs", "outputs", ".git", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis",'
+EXCLUDES='".venv*", "venv", "runs", "outputs", "results", ".git", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis",'
 EXCLUDES+=' ".cache", "*.egg-info", "build", "dist"'
 RUNTIME_ENV_JSON="{\"excludes\": [$EXCLUDES]}"
 

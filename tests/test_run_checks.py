@@ -37,7 +37,7 @@ def test_a_run_where_nothing_finishes_warns(ray_local, tiny_model_dir, tiny_data
     from sdft_ray.runner import train
 
     # Two new tokens: the tiny random model essentially never ends that fast.
-    cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", rollout={"max_new_tokens": 2},
+    cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", rollout={"max_new_tokens": 2}, loss={"skip_first_tokens": 1},
                       output={"save_final": False}, fault_tolerance={"call_timeout_s": 900})
     with caplog.at_level(logging.WARNING, logger="sdft_ray"):
         summary = train(cfg)
