@@ -500,8 +500,7 @@ class StudyRunner:
             self.phase0()
             self.flush()
             if self.gate_passed or self.spec.teacher_check.on_fail == "continue":
-                self.phase1()
-                self.flush()
+                self.phase1()  # flushes the tables after every run
                 self.profiles()
                 if self.spec.curriculum:
                     self.phase2()
