@@ -214,18 +214,30 @@ def study_from_dict(tree: Mapping[str, Any], source: str = "<dict>") -> StudySpe
 
 def load_study(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> StudySpec:
     """Read a study YAML and apply ``a.b=c`` overrides (``seeds=[0]``, ``facts.n_train=6``)."""
-    tree = read_yaml(path, "study file") or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping")
+    tree = study_tree(path)
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
     return study_from_dict(tree, str(path) + (" + --set " + " ".join(overrides) if overrides else ""))
 
 
-def study_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The raw mapping of a study file (for the CLI's size flags before validation)."""
-    tree = read_yaml(Path(path), "study file") or {}
+def study_tree(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a study file, before validation. ``extends: other.yaml`` (relative to
+    this file) starts from that study's mapping: this file's mappings merge into it key by key,
+    and any other value - a list such as ``arms`` included - replaces the one there."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to this file ({' -> '.join(p.name for p in _seen + (path,))})",
+                          field="extends")
+    tree = read_yaml(path, "study file") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping")
-    return tree
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be the path of another study file, got {parent!r}", field="extends")
+    base_path = path.parent / parent
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: extends: no study file at {base_path}", field="extends")
+    return merge_tree(study_tree(base_path, _seen + (path,)), tree)
