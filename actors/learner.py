@@ -177,7 +177,7 @@ class LearnerWorker(SyncGroupMember):
         self.gas = gas
         self.device = self.engine.device
         if self.cfg.teacher.kind == "ema":
-            named = self.rank0_parameters()
+            named = self.ema_source()
             self.ema = EmaWeights.from_named_parameters(named) if named is not None else None
         return {"rank": self.rank, "device": str(self.device), "zero_stage": lc.zero_stage, "pid": os.getpid()}
 
@@ -221,6 +221,11 @@ class LearnerWorker(SyncGroupMember):
             for _ in self.full_parameters():
                 pass
         return None
+
+    def ema_source(self) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """What the EMA teacher starts from and follows: the full parameters where this rank keeps
+        an EMA (rank 0, the one that publishes it), None elsewhere."""
+        return self.rank0_parameters()
 
     @on_ranks("all_rank0_answers")
     def publish(self, kind: str, version: int, group: str | None = None) -> WeightHandle | None:
@@ -333,7 +338,7 @@ class LearnerWorker(SyncGroupMember):
         )
         if self.cfg.teacher.kind == "ema" and EmaWeights.should_update(step, self.cfg.teacher.ema_every):
             t0 = time.perf_counter()
-            named = self.rank0_parameters()
+            named = self.ema_source()
             if named is not None:  # streamed: one parameter in flight, names checked before any moves
                 self.ema.update(named, self.cfg.teacher.ema_rate,
                                 names=[n for n, _ in self.synced_parameters()])
@@ -415,12 +420,15 @@ class LearnerWorker(SyncGroupMember):
         if self.ema is not None:
             save_file({n: t.contiguous() for n, t in self.ema.state_dict().items()}, str(folder_path / "teacher_ema.safetensors"))
         for name, handle in (snapshots or {}).items():
-            if handle.transport == CollectiveTransport.name:  # what this rank broadcast last
-                named = self.collective[handle.payload[0]].retained()
-            else:
-                named = get_transport(handle.transport).receive(handle)
-            FileTransport().publish(named, handle.version, handle.kind, path=str(folder_path / f"weights_{name}.safetensors"))
+            FileTransport().publish(self.snapshot_tensors(handle), handle.version, handle.kind,
+                                    path=str(folder_path / f"weights_{name}.safetensors"))
         return {"rank": 0}
+
+    def snapshot_tensors(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights behind ``handle``, which a role holds and the learner has moved past."""
+        if handle.transport == CollectiveTransport.name:  # what this rank broadcast last
+            return iter(self.collective[handle.payload[0]].retained())
+        return iter(get_transport(handle.transport).receive(handle))
 
     @on_ranks("all_rank0_answers")
     def load_checkpoint(self, folder: str) -> dict:

@@ -23,6 +23,15 @@ class RolloutWorker(WeightHolder, SyncGroupMember):
         self.engine = make_engine(engine, model_folder, dtype, trust_remote_code, batch_size, engine_options, lora)
         self.start_incarnation()
 
+    @classmethod
+    def in_process(cls, worker_index: int, engine) -> RolloutWorker:
+        """The role inside another actor (``placement.mode: colocated``), sampling with ``engine``;
+        that actor delivers its weights (see ``actors/colocated.py``)."""
+        worker = cls.__new__(cls)
+        worker.memory, worker.worker_index, worker.engine = None, worker_index, engine
+        worker.start_incarnation()
+        return worker
+
     def memory_report(self) -> dict:
         model = getattr(self.engine, "model", None)  # the transformers engine (vLLM keeps its own)
         return self.memory.report(weights=tensor_bytes(model.parameters()) if model is not None else 0.0)

@@ -37,7 +37,22 @@ class TeacherScorer(WeightHolder, SyncGroupMember):
 
                 model = add_adapters(model, LoraSettings.model_validate(lora))
             self.model = model.to(device).eval()
-        self.tokenizer = load_tokenizer(model_folder, trust_remote_code)
+        self._bind(load_tokenizer(model_folder, trust_remote_code), signal, top_k, micro_batch_size, transfer_dtype,
+                   run_config)
+
+    @classmethod
+    def in_process(cls, worker_index: int, model: torch.nn.Module, tokenizer, signal: str, top_k: int,
+                   micro_batch_size: int, transfer_dtype: str, run_config: dict) -> TeacherScorer:
+        """The role inside another actor (``placement.mode: colocated``), scoring with ``model``,
+        whose weights that actor keeps (see ``actors/colocated.py``)."""
+        scorer = cls.__new__(cls)
+        scorer.memory, scorer.worker_index, scorer.model, scorer.vllm = None, worker_index, model, None
+        scorer._bind(tokenizer, signal, top_k, micro_batch_size, transfer_dtype, run_config)
+        return scorer
+
+    def _bind(self, tokenizer, signal: str, top_k: int, micro_batch_size: int, transfer_dtype: str,
+              run_config: dict | None) -> None:
+        self.tokenizer = tokenizer
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.variant, self.demonstration_shift = None, False
         if run_config is not None:
@@ -73,9 +88,14 @@ class TeacherScorer(WeightHolder, SyncGroupMember):
         if self.vllm is not None:
             scores = self.vllm.score_trajectories(traj, self.signal, self.top_k, self.version)
         else:
-            scores = score_trajectories(self.model, traj, self.pad_id, self.signal, self.top_k,
-                                        self.micro_batch_size, self.transfer_dtype, self.version,
-                                        demonstration_shift=self.demonstration_shift)
+            was_training = self.model.training  # a colocated live teacher is the module being trained
+            self.model.eval()
+            try:
+                scores = score_trajectories(self.model, traj, self.pad_id, self.signal, self.top_k,
+                                            self.micro_batch_size, self.transfer_dtype, self.version,
+                                            demonstration_shift=self.demonstration_shift)
+            finally:
+                self.model.train(was_training)
         receipt = ScoreReceipt(worker=self.worker_index, teacher_version=self.version, sequences=len(traj),
                                seconds=time.perf_counter() - start)
         return receipt, scores

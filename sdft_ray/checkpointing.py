@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 RESUMABLE_CHANGES = ("fault_tolerance", "output.progress", "output.log_every", "output.loggers", "output.run_name",
                      "output.project", "output.tags", "output.keep_last", "output.checkpoint_every",
                      "output.keep_best", "output.best_mode", "output.save_final", "output.dir", "output.show_answers",
-                     "placement.strategy", "placement.node_resources")
+                     "placement.strategy", "placement.node_resources", "placement.mode")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -173,6 +173,11 @@ class ResourcesConfig(_Section):
 
 
 class PlacementConfig(_Section):
+    mode: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated", description="disaggregated = rollout, teacher and learner actors of their own; colocated = "
+                                     "one actor per learner rank holds all three roles: it samples with the "
+                                     "student's live module and scores with an in-process teacher (no weight "
+                                     "transfer; placement.rollout/teacher are unused).")
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK")
     rollout: ResourcesConfig = Field(default_factory=ResourcesConfig)
     teacher: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -317,6 +322,8 @@ class RunConfig(_Section):
         if self.teacher.transfer_dtype != "float32" and self.loss.estimator != "full":
             raise ValueError(f"teacher.transfer_dtype = {self.teacher.transfer_dtype} applies to the full-vocabulary "
                              f"signal only; loss.estimator is {self.loss.estimator!r} (its log-probs travel in float32)")
+        if self.placement.mode == "colocated":
+            self._check_colocated()
         self._check_vllm_limits()
         for role in ("rollout", "teacher"):
             section = getattr(self, role)
@@ -339,6 +346,24 @@ class RunConfig(_Section):
                 f"placement.{shared_gpu[0]}.num_gpus < 1 shares GPUs (colocated roles): use "
                 "weight_sync.transport 'object_store' for colocated placements")
         return self
+
+    def _check_colocated(self) -> None:
+        """What one actor holding all three roles cannot do (placement.mode 'colocated')."""
+        for role in ("rollout", "teacher"):
+            if getattr(self, role).engine != "hf":
+                raise ValueError(f"placement.mode 'colocated' runs {role}.engine 'hf' in the learner's process; "
+                                 f"{role}.engine 'vllm' there needs vLLM's sleep mode, which is not wired in yet: use "
+                                 "placement.mode 'disaggregated' for vLLM")
+            if getattr(self, role).num_workers != self.learner.num_workers:
+                raise ValueError(f"placement.mode 'colocated': every learner rank is also a {role} worker, so "
+                                 f"{role}.num_workers = {getattr(self, role).num_workers} must equal "
+                                 f"learner.num_workers = {self.learner.num_workers}")
+        if self.rollout.sync_every != 1:
+            raise ValueError(f"placement.mode 'colocated' samples with the student's live weights: rollout.sync_every "
+                             f"must be 1, got {self.rollout.sync_every}")
+        if self.learner.zero_stage == 3:
+            raise ValueError("placement.mode 'colocated' generates with the learner's module, which ZeRO-3 "
+                             "partitions: use learner.zero_stage 0, 1 or 2")
 
     def _check_vllm_limits(self) -> None:
         """What a vLLM engine would refuse mid-run: top-k above its ``max_logprobs``, sequences

@@ -26,12 +26,13 @@ import numpy as np
 import ray
 from ray.util.placement_group import remove_placement_group
 
+from actors.colocated import ColocatedWorker
 from actors.learner import LearnerWorker, teacher_signal_kind
 from actors.rollout import RolloutWorker
 from actors.teacher import TeacherScorer
 from sdft_ray.config import RunConfig
 from sdft_ray.placement import Placement, reserve
-from sdft_ray.roles import LearnerGroup, RoleGroup, spawn
+from sdft_ray.roles import ColocatedRoleGroup, LearnerGroup, RoleGroup, spawn
 from sdft_ray.schedule import Batch
 from sdft_ray.step_metrics import combine_learner_metrics, ratio_metrics, rollout_stats
 from sdft_ray.trajectory import PromptShard, Trajectories
@@ -65,6 +66,7 @@ class RunGroups:
     rollout_actor: type = RolloutWorker
     teacher_actor: type = TeacherScorer
     learner_actor: type = LearnerWorker
+    colocated_actor: type = ColocatedWorker  # placement.mode colocated: a learner rank holding every role
 
     def __init__(self, cfg: RunConfig, model_folder: str | Path, total_steps: int, *,
                  teacher_folder: str | Path | None = None, generating: bool = True,
@@ -77,6 +79,10 @@ class RunGroups:
         self.extra_teachers = list(extra_teachers)
         if any(spec.name == MAIN_TEACHER for spec in self.extra_teachers):
             raise ValueError(f"extra teacher groups cannot be named {MAIN_TEACHER!r}")
+        self.colocated = cfg.placement.mode == "colocated" and generating
+        if self.colocated and self.extra_teachers:
+            raise ValueError("placement.mode 'colocated' hosts the run's own teacher only: extra teacher groups "
+                             "need placement.mode 'disaggregated'")
         self.signal = teacher_signal_kind(cfg)
         # model.lora: the student's roles hold the base model plus adapters (an external teacher does not)
         self.lora = cfg.model.lora.model_dump() if cfg.model.lora is not None else None
@@ -94,14 +100,24 @@ class RunGroups:
     def start(self) -> RunGroups:
         cfg, timeout = self.cfg, self.cfg.fault_tolerance.call_timeout_s
         extra_count = sum(spec.num_workers for spec in self.extra_teachers)
-        self.placement = place = reserve(cfg, self.generating, extra_teachers=extra_count)
+        # colocated: only the learner ranks' bundles; each rank also holds the rollout and teacher roles
+        self.placement = place = reserve(cfg, self.generating and not self.colocated, extra_teachers=extra_count)
         cfg_dict, restarts = cfg.model_dump(mode="json"), cfg.fault_tolerance.max_actor_restarts
-        self.learners = LearnerGroup(self.learner_actor, spawn(
-            self.learner_actor, place.learner.count, place.group, place.learner.first_bundle, place.learner.resources,
-            lambda i: ((i, place.learner.count, cfg_dict, self.model_folder, self.total_steps), {})), timeout)
+        learner_cls = self.colocated_actor if self.colocated else self.learner_actor
+        options = {"teacher_folder": self.teacher_folder} if self.colocated else {}
+        self.learners = LearnerGroup(learner_cls, spawn(
+            learner_cls, place.learner.count, place.group, place.learner.first_bundle, place.learner.resources,
+            lambda i: ((i, place.learner.count, cfg_dict, self.model_folder, self.total_steps), options)), timeout)
         setup = self.learners.send("setup", *self.learners.call("address"))
         if not self.generating:
             self.learners.wait("setup", setup)
+            return self
+        if self.colocated:
+            self.learners.wait("setup", setup)
+            self.rollout = ColocatedRoleGroup("rollout", self.learners.handles, timeout_s=timeout)
+            self.teachers[MAIN_TEACHER] = ColocatedRoleGroup("teacher", self.learners.handles, timeout_s=timeout,
+                                                             weights_kind=cfg.teacher.kind)
+            self._attach_weight_sync()
             return self
         self.rollout = RoleGroup("rollout", spawn(
             self.rollout_actor, place.rollout.count, place.group, place.rollout.first_bundle, place.rollout.resources,
@@ -115,11 +131,14 @@ class RunGroups:
             self.teachers[spec.name] = self._start_teacher(spec, first, cfg_dict)
             first += spec.num_workers
         self.learners.wait("setup", setup)
-        self.weight_sync = make_weight_sync(cfg, self.learners)
+        self._attach_weight_sync()
+        return self
+
+    def _attach_weight_sync(self) -> None:
+        self.weight_sync = make_weight_sync(self.cfg, self.learners)
         for group in (self.rollout, *self.teachers.values()):
             group.ready()
             self.weight_sync.attach(group)
-        return self
 
     def _start_teacher(self, spec: TeacherGroupSpec, first_bundle: int, cfg_dict: dict) -> RoleGroup:
         cfg, res = self.cfg, self.placement.teacher.resources

@@ -243,6 +243,56 @@ class RoleGroup:
             ray.kill(member.handle, no_restart=True)
 
 
+# ---- roles hosted by the learner actors (placement.mode: colocated) -----------------------------
+
+class HostedRole:
+    """A role that lives inside another actor: ``view.method.options(...).remote(*args)`` calls
+    ``handle.role_call(role, "method", *args)`` there (see ``actors/colocated.py``), so a
+    :class:`RoleGroup` drives it as it drives an actor of its own."""
+
+    def __init__(self, handle: Any, role: str):
+        self.handle, self.role = handle, role
+
+    def __getattr__(self, method: str) -> _HostedMethod:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return _HostedMethod(self.handle, self.role, method, {})
+
+
+@dataclass(frozen=True)
+class _HostedMethod:
+    handle: Any
+    role: str
+    method: str
+    call_options: dict[str, Any]
+
+    def options(self, **options: Any) -> _HostedMethod:
+        return _HostedMethod(self.handle, self.role, self.method, {**self.call_options, **options})
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self.handle.role_call.options(**self.call_options).remote(self.role, self.method, *args, **kwargs)
+
+
+class ColocatedRoleGroup(RoleGroup):
+    """A role hosted by the learner ranks (``placement.mode: colocated``): member ``i`` is learner
+    rank ``i``. Versions, stale-call refusal and re-delivery work as for actors of their own; a
+    member lost or hung is a learner rank lost (:class:`LearnerFailure`: the run may resume from a
+    checkpoint), and the learner group owns (and kills) the actors."""
+
+    def __init__(self, role: str, learner_handles: Sequence[Any], *, timeout_s: float, weights_kind: str = "student"):
+        super().__init__(role, [HostedRole(h, role) for h in learner_handles], max_restarts=0, timeout_s=timeout_s,
+                         weights_kind=weights_kind)
+
+    def recover(self, index: int, error: BaseException) -> None:
+        if classify(error) in ("lost", "hung"):
+            raise LearnerFailure(f"learner rank {index}, which also holds the {self.role} role, was lost or hung: "
+                                 f"{error}") from error
+        super().recover(index, error)
+
+    def kill(self) -> None:
+        """Nothing of its own to kill: the learner group kills the actors."""
+
+
 # ---- learners ------------------------------------------------------------------------------------
 
 Ranks = Literal["all", "all_rank0_answers", "rank0"]

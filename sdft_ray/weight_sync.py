@@ -7,6 +7,8 @@
 * :class:`ObjectStoreSync`: learner rank 0 puts bucketed weights in the Ray object store; every
   member's ``update_weights`` is queued behind its earlier calls (nobody waits for it: a later
   work call runs after it, and a failed update surfaces when that call is waited for).
+* :class:`InProcessSync` (``placement.mode: colocated``): the roles share the learner's process;
+  a push only names the version each member now holds.
 * :class:`CollectiveSync`: a bucketed broadcast from learner rank 0 over one process group per
   role (:mod:`sdft_ray.collective`). A broadcast needs the sender and every receiver at once, so
   it runs synchronously: (1) every member's group membership is checked (an actor that Ray
@@ -24,6 +26,7 @@ from ray.exceptions import RayTaskError
 
 from sdft_ray.config import RunConfig
 from sdft_ray.roles import CALL_FAILURES, LearnerGroup, Member, RoleGroup, classify
+from sdft_ray.weights import IN_PROCESS, WeightHandle
 
 log = logging.getLogger("sdft_ray")
 
@@ -126,7 +129,20 @@ class CollectiveSync(WeightSync):
         group.sync_group_stale = True
 
 
+class InProcessSync(ObjectStoreSync):
+    """``placement.mode: colocated``: every role lives in a learner rank's process, so nothing is
+    sent. A push hands each member a :data:`IN_PROCESS` handle naming the version of the learner's
+    weights it now holds (the rollout role samples with the live student; the teacher role loads
+    the EMA into its module unless that module's parameters are the EMA's own tensors); it runs
+    in call order, after the training step that made that version."""
+
+    def push(self, group, kind, version):
+        group.push(WeightHandle(version, kind, IN_PROCESS))
+
+
 def make_weight_sync(cfg: RunConfig, learners: LearnerGroup) -> WeightSync:
+    if cfg.placement.mode == "colocated":
+        return InProcessSync(cfg, learners)
     if cfg.weight_sync.transport == "collective":
         return CollectiveSync(cfg, learners)
     return ObjectStoreSync(cfg, learners)

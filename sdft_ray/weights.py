@@ -26,6 +26,10 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
+#: ``WeightHandle.transport`` of weights that stay in the learner's process (placement.mode colocated)
+IN_PROCESS = "in_process"
+
+
 @dataclass(frozen=True)
 class WeightHandle:
     """A published set of weights: small enough to pass through the controller."""

@@ -78,15 +78,28 @@ class HFEngine:
     def __init__(self, model_folder: str, dtype: str = "float32", trust_remote_code: bool = False,
                  batch_size: int = 16, device: str | None = None, share_prompts: bool = True,
                  lora: dict | None = None):
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_causal_lm(model_folder, dtype, trust_remote_code)
         if lora is not None:  # the learner's adapters arrive by weight sync (model.lora)
             from sdft_ray.config import LoraSettings
             from sdft_ray.lora import add_adapters
 
             model = add_adapters(model, LoraSettings.model_validate(lora))
-        self.model = model.to(self.device).eval()
-        self.tokenizer = load_tokenizer(model_folder, trust_remote_code)
+        self._bind(model.to(device).eval(), load_tokenizer(model_folder, trust_remote_code), batch_size, share_prompts)
+
+    @classmethod
+    def on_module(cls, model: torch.nn.Module, tokenizer, batch_size: int = 16, share_prompts: bool = True) -> HFEngine:
+        """An engine over a module that something else trains (``placement.mode: colocated``: the
+        learner's live student). It loads nothing; generation switches the module to eval mode and
+        back, and uses the KV cache whatever the module's ``config.use_cache`` says."""
+        engine = cls.__new__(cls)
+        engine._bind(model, tokenizer, batch_size, share_prompts)
+        return engine
+
+    def _bind(self, model: torch.nn.Module, tokenizer, batch_size: int, share_prompts: bool) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.tokenizer = tokenizer
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.default_stops = tuple(stop_token_ids(self.tokenizer, self.model.generation_config))
         self.batch_size = batch_size
@@ -97,11 +110,21 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSpec) -> list[Generation]:
+        """Sample (or decode greedily) each prompt; chunk ``i`` is seeded with ``sampling.seed``
+        and ``i``. The process's own RNG stream is left where it was (a colocated learner's
+        next random draw does not depend on whether it generated), and so is the module's mode."""
         stops = tuple(sampling.stop_token_ids) or self.default_stops
         out: list[Generation] = []
-        for chunk_index, rows in enumerate(micro_batches(len(prompts), self.batch_size)):
-            torch.manual_seed(sampling.seed * 100_003 + chunk_index)
-            out.extend(self._generate_chunk([prompts[i] for i in rows], sampling, stops))
+        devices = [self.device] if self.device.type == "cuda" else []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                for chunk_index, rows in enumerate(micro_batches(len(prompts), self.batch_size)):
+                    torch.manual_seed(sampling.seed * 100_003 + chunk_index)
+                    out.extend(self._generate_chunk([prompts[i] for i in rows], sampling, stops))
+        finally:
+            self.model.train(was_training)
         return out
 
     def _left_padded(self, prompts, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +164,7 @@ class HFEngine:
             sequences = self.model.generate(
                 input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList([recorder]),
                 max_new_tokens=sampling.max_new_tokens, eos_token_id=list(stops), pad_token_id=self.pad_id,
-                **kwargs,
+                use_cache=True, **kwargs,
             )
             stats = recorder.finish(sequences, sequences.shape[1] - width)
         new_tokens = sequences[:, width:].cpu()
