@@ -141,4 +141,5 @@ class ColocatedWorker(LearnerWorker):
                 owned |= {t.data_ptr() for _, t in self.ema.named_tensors()}
             report["teacher_weights"] = tensor_bytes(p for p in self.teacher.model.parameters()
                                                      if p.data_ptr() not in owned)
+            report["other"] -= report["teacher_weights"]
         return report

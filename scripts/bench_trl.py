@@ -20,8 +20,10 @@ child's peak RSS (``ru_maxrss``) and the sampled peak RSS/PSS. sdft-ray's is the
 the sum of RSS over the Ray worker processes (the actors), and the sampled peak PSS of the
 whole process tree (driver, Ray daemons, workers). Tokens/s counts the response tokens that
 are trained on, after the first (warm-up) step. sdft-ray runs with ``max_staleness`` 0 (the
-same synchronous algorithm as TRL, ``--threads`` per role like TRL's process) and, unless
-``--staleness 0``, pipelined 1 (``--pipe-threads`` per role, 1 on 2 cores).
+same synchronous algorithm as TRL, ``--threads`` per role like TRL's process), colocated
+(``placement.mode: colocated``: one actor with ``--threads`` holds every role, as TRL's one
+process does; ``--no-colocated`` skips it) and, unless ``--staleness 0``, pipelined 1
+(``--pipe-threads`` per role, 1 on 2 cores).
 
     .venv/bin/python scripts/bench_trl.py                        # SmolLM2-135M
     .venv/bin/python scripts/bench_trl.py --tiny --steps 3       # smoke run
@@ -112,8 +114,14 @@ def trl_child(spec_path: str) -> int:
             disable_tqdm=True, shuffle_dataset=False, seed=spec["seed"], dataloader_num_workers=0,
             dataloader_pin_memory=False, model_init_kwargs={"dtype": spec["dtype"]}, remove_unused_columns=False,
         )
+        peft_config = None
+        if spec.get("lora"):  # the same adapters as sdft-ray's model.lora rows
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(task_type="CAUSAL_LM", bias="none", **spec["lora"])
         t0 = time.perf_counter()
-        trainer = Counting(model=spec["model"], args=config, train_dataset=dataset, processing_class=tokenizer)
+        trainer = Counting(model=spec["model"], args=config, train_dataset=dataset, processing_class=tokenizer,
+                           peft_config=peft_config)
         trainer.add_callback(StepTimer())  # after the EMA callback: a step ends after the teacher update
         out["startup_s"] = time.perf_counter() - t0
         trainer.train()
@@ -128,9 +136,14 @@ def trl_child(spec_path: str) -> int:
     return 0 if out["ok"] else 1
 
 
+def lora_settings(r: int) -> dict:
+    """The adapters of the LoRA rows (TRL's ``LoraConfig`` and sdft-ray's ``model.lora`` alike)."""
+    return {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
 def run_trl(args: argparse.Namespace, model_folder: Path, teacher_template: str, max_prompt_tokens: int,
-            workdir: Path) -> bc.Result:
-    result = bc.Result(name="trl SDFTTrainer", loadavg_start=bc.loadavg(),
+            workdir: Path, lora: int = 0) -> bc.Result:
+    result = bc.Result(name="trl SDFTTrainer" + (f" LoRA r={lora}" if lora else ""), loadavg_start=bc.loadavg(),
                        settings={"threads": args.threads, "prompts_per_step": args.prompts,
                                  "max_new_tokens": args.max_new_tokens, "dtype": args.dtype})
     try:
@@ -144,7 +157,7 @@ def run_trl(args: argparse.Namespace, model_folder: Path, teacher_template: str,
             "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "threads": args.threads,
             "seed": args.seed, "dtype": args.dtype, "output_dir": str(workdir / "trl_out"),
             "teacher_template": teacher_template.replace("{demonstration}", "{privileged_context}"),
-            "out": str(workdir / "trl_result.json")}
+            "out": str(workdir / "trl_result.json"), "lora": lora_settings(lora) if lora else None}
     spec_path = workdir / "trl_spec.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -212,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = bc.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     ap.add_argument("--staleness", default="0,1", help="sdft-ray max_staleness values to measure")
     ap.add_argument("--skip-trl", action="store_true", help="measure sdft-ray only")
+    ap.add_argument("--no-colocated", action="store_true", help="skip the placement.mode colocated row")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="also LoRA rows (rank R on the attention projections): TRL and sdft-ray colocated")
     args = ap.parse_args(argv)
     model, info, root = bc.begin(args, "sdft-ray vs TRL SDFTTrainer: training tokens/s and peak memory")
     shared = {"data.shuffle": False, "teacher.ema_rate": EMA_RATE, "learner.lr": LR,
@@ -234,11 +250,27 @@ def main(argv: list[str] | None = None) -> int:
     if not trl_result.ok:
         print(f"TRL could not run: {trl_result.error}", flush=True)
     results.append(trl_result)
+    if args.lora and not args.skip_trl:
+        results.append(bc.with_retries(args, lambda: run_trl(
+            args, model, resolve_template(probe.prompts.teacher_template), probe.prompts.max_prompt_tokens,
+            Path(tempfile.mkdtemp(prefix="bench_trl_lora_", dir=root)), lora=args.lora)))
     stale = [int(k) for k in args.staleness.split(",") if k.strip()]
     configs = [(f"sdft-ray stale{k}" if k else "sdft-ray sync", {**shared, "schedule.max_staleness": k}) for k in stale]
+    colocated = {**shared, "schedule.max_staleness": 0, "placement.mode": "colocated"}
+    if not args.no_colocated:  # one actor holding every role, the synchronous algorithm
+        configs.insert(0, ("sdft-ray colocated", colocated))
+    if args.lora:
+        adapters = {k.removeprefix("lora_"): v for k, v in lora_settings(args.lora).items()}
+        configs.append((f"sdft-ray colocated LoRA r={args.lora}", {**colocated, "model.lora": adapters}))
     ray_results, runs = bc.run_configs(args, model, root, configs)
     bc.shutdown_ray()
     results += ray_results
+
+    trl_lora = next((r for r in results if r.name.startswith("trl") and "LoRA" in r.name), None)
+
+    def comparator(r: bc.Result) -> bc.Result:
+        """LoRA rows compare with TRL's LoRA row, the others with TRL's full fine-tuning."""
+        return trl_lora if "LoRA" in r.name and trl_lora is not None else trl_result
 
     con = bc.console()
     from rich.table import Table
@@ -253,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         if not r.ok:
             table.add_row(r.name, "-", "-", f"[red]{r.error}", *["-"] * 9)
             continue
-        rel = r.tokens_per_s / trl_result.tokens_per_s if trl_result.ok else None
+        base = comparator(r)
+        rel = r.tokens_per_s / base.tokens_per_s if base.ok and r is not base else None
         table.add_row(r.name, bc.threads_label(r), str(len(r.step_wall_s)), bc.fmt(r.mean_step_s), bc.fmt(r.mean_tokens_per_step, ".1f"),
                       bc.fmt(r.tokens_per_s, ".1f"), bc.fmt(rel) + ("x" if rel is not None else ""),
                       bc.fmt(r.cores_busy), bc.fmt(r.other_cores), bc.fmt(r.load_mean, ".1f"),
@@ -267,10 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                   + f"; whole tree RSS {r.peak_rss_total_mb:.0f}", flush=True)
     ratios = {}
     for r in ray_results:
-        ratios[f"{r.name}_over_trl_tokens_per_s"] = bc.ratio(f"{r.name}/trl tokens per s", r, trl_result,
+        ratios[f"{r.name}_over_trl_tokens_per_s"] = bc.ratio(f"{r.name}/trl tokens per s", r, comparator(r),
                                                              field_name="tokens_per_s", note="> 1 means sdft-ray faster")
         ratios[f"{r.name}_over_trl_peak_memory"] = bc.ratio(
-            f"{r.name}/trl peak memory (sum of actor RSS / TRL process RSS)", r, trl_result,
+            f"{r.name}/trl peak memory (sum of actor RSS / TRL process RSS)", r, comparator(r),
             field_name="peak_rss_workers_mb")
     print(f"load average at the end: {bc.loadavg()} (start {info['loadavg_start']})", flush=True)
     bc.write_json(args.json, {"info": info, "parity": parity, "results": results, "runs": runs, "ratios": ratios,

@@ -4,7 +4,7 @@ Starts the run's role groups (``sdft_ray.groups.RunGroups``) on the given config
 ``--steps`` steps (generate -> score -> train -> sync), then asks every actor for
 ``memory_report()`` (``sdft_ray/memory.py``): RSS, PSS, peak RSS, the library baseline (RSS when
 the actor started, before any model loaded) and the tensors it holds by purpose (weights,
-gradients, optimizer state, EMA); ``other`` is RSS minus baseline minus those tensors (allocator,
+gradients, optimizer state, EMA; a colocated learner also its teacher module's own tensors); ``other`` is RSS minus baseline minus those tensors (allocator,
 buffers kept from the last step). Memory numbers do not depend on the CPU load.
 
     .venv/bin/python scripts/memory_breakdown.py configs/quickstart.yaml --steps 3 [--set k=v] [--json out.json]
@@ -24,7 +24,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-COLUMNS = ("rss", "pss", "peak_rss", "baseline_rss", "weights", "gradients", "optimizer", "ema", "other")
+COLUMNS = ("rss", "pss", "peak_rss", "baseline_rss", "weights", "gradients", "optimizer", "ema", "teacher_weights",
+           "other")
 
 
 def measure(cfg, steps: int) -> list[dict]:
@@ -33,6 +34,7 @@ def measure(cfg, steps: int) -> list[dict]:
     from sdft_ray.data import EpochSampler
     from sdft_ray.groups import RunGroups
     from sdft_ray.memory import process_memory
+    from sdft_ray.roles import ColocatedRoleGroup
     from sdft_ray.runner import init_ray, prepare
     from sdft_ray.trajectory import PromptShard
 
@@ -49,6 +51,8 @@ def measure(cfg, steps: int) -> list[dict]:
             groups.sync(step)
         for name, group in (("rollout", groups.rollout), *groups.teachers.items()):
             group.drain()
+            if isinstance(group, ColocatedRoleGroup):  # hosted by the learners: in their reports
+                continue
             for i, report in enumerate(ray.get([m.handle.memory_report.remote() for m in group.members])):
                 rows.append({"actor": f"{name} {i}", **report})
         for report in groups.learners.call("memory_report"):

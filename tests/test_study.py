@@ -76,6 +76,36 @@ def test_shipped_study_files_validate():
     assert q.data.limit == 4 and q.teacher.kind == "frozen"
 
 
+def test_a_study_file_extends_another(tmp_path):
+    """``extends``: mappings merge key by key into the parent's, lists (arms) replace the parent's;
+    a loop is an error naming the field. The shipped lever study keeps issue 11's runs as they were."""
+    import yaml
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(_tree()), encoding="utf-8")
+    child = tmp_path / "sub" / "child.yaml"
+    child.parent.mkdir()
+    arms = [{"name": "only", "variant": "sdft", "lrs": [0.5]}]
+    child.write_text(yaml.safe_dump({"extends": "../base.yaml", "eval": {"batch_size": 3}, "arms": arms}),
+                     encoding="utf-8")
+    spec = load_study(child)
+    parent = load_study(base)
+    assert [a.name for a in spec.arms] == ["only"] and spec.eval.batch_size == 3
+    assert spec.eval.max_new_tokens == parent.eval.max_new_tokens and spec.facts == parent.facts
+    base.write_text(yaml.safe_dump({**_tree(), "extends": "sub/child.yaml"}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="loops back") as info:
+        load_study(child)
+    assert info.value.field == "extends"
+
+    levers, study = load_study(REPO / "configs" / "study" / "levers.yaml"), load_study(FULL)
+    assert levers.train == study.train and levers.facts == study.facts and levers.seeds == study.seeds
+    for arm in study.arms:  # same names, lrs and seeds: the finished runs are reused
+        assert set(arm.lrs) <= set(levers.arm(arm.name).lrs)
+        assert levers.arm_seeds(levers.arm(arm.name)) == study.arm_seeds(arm)
+        assert levers.arm(arm.name).overrides == arm.overrides
+    assert len(levers.arm("sft").lrs) >= 3
+
+
 @pytest.mark.parametrize("change, field", [
     ({"colour": "red"}, "colour"),
     ({"seeds": [0, 0]}, "distinct"),

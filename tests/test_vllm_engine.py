@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from sdft_ray.config import PromptConfig, ResourcesConfig  # noqa: E402
+from sdft_ray.config import ResourcesConfig  # noqa: E402
 from sdft_ray.engines import SamplingSpec  # noqa: E402
 from sdft_ray.forward import response_logits  # noqa: E402
 from sdft_ray.models import build_random_model, load_causal_lm, load_tokenizer  # noqa: E402
@@ -250,15 +250,15 @@ def test_sdft_trains_with_vllm_rollout_and_vllm_teacher(ray_local, rollout_actor
     from sdft_ray.runner import prepare
 
     ray.kill(rollout_actor)  # free the cores for the run's own actors
-    # max_model_len covers the default prompt limits plus the response (the config check refuses less).
-    limit = PromptConfig().max_teacher_prompt_tokens + 8
-    cpu = {"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": limit, "enforce_eager": True}
+    cpu = {"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 256, "enforce_eager": True}
     cfg = tiny_config(vllm_model_dir, tiny_data, tmp_path / "run",
                       rollout={"engine": "vllm", "vllm": cpu},
                       teacher={"engine": "vllm", "vllm": cpu, "kind": "ema", "sync_every": 1},
                       loss={"estimator": "topk", "topk_source": "teacher", "top_k": 5},
                       learner={"lr": 1e-2}, schedule={"max_steps": 3},
-                      weight_sync={"transport": "collective"})  # gloo broadcasts into both vLLM engines
+                      weight_sync={"transport": "collective"},  # gloo broadcasts into both vLLM engines
+                      # prompt limits + 8 response tokens within max_model_len (the config check asks for it)
+                      prompts={"max_prompt_tokens": 120, "max_teacher_prompt_tokens": 248})
     ctl = prepare(cfg).controller()
     ctl.start()
     try:
