@@ -28,7 +28,7 @@ from sdft_ray.forward import micro_batches, pad_right, response_logits
 from sdft_ray.lora import adapter_tensors, add_adapters, save_adapter
 from sdft_ray.losses import (LossSpec, TeacherSignal, distillation_loss, response_loss_mask, sft_loss,
                              shift_position_weights)
-from sdft_ray.memory import MemoryBaseline, optimizer_state_tensors, tensor_bytes
+from sdft_ray.memory import MemoryBaseline, optimizer_state_tensors, release_free_memory, tensor_bytes
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.roles import on_ranks
 from sdft_ray.trajectory import TeacherScores, Trajectories
@@ -343,6 +343,7 @@ class LearnerWorker(SyncGroupMember):
                 self.ema.update(named, self.cfg.teacher.ema_rate,
                                 names=[n for n, _ in self.synced_parameters()])
             out["ema_seconds"] = time.perf_counter() - t0
+        release_free_memory()  # the step's activations and logits: back to the OS, not kept by malloc
         return out
 
     @on_ranks("all")

@@ -8,7 +8,7 @@ import numpy as np
 
 from actors.group import SyncGroupMember, WeightHolder, set_torch_threads
 from sdft_ray.engines import SamplingSpec, make_engine
-from sdft_ray.memory import MemoryBaseline, tensor_bytes
+from sdft_ray.memory import MemoryBaseline, release_free_memory, tensor_bytes
 from sdft_ray.trajectory import PromptShard, Trajectories
 from sdft_ray.weights import WeightHandle, get_transport
 
@@ -70,4 +70,5 @@ class RolloutWorker(WeightHolder, SyncGroupMember):
         )
         receipt = traj.receipt(self.worker_index, time.perf_counter() - start)
         parts = traj.split(num_parts)
+        release_free_memory()  # the KV cache and logits of this batch
         return (receipt, *parts)

@@ -8,7 +8,7 @@ import time
 import torch
 
 from actors.group import SyncGroupMember, WeightHolder, set_torch_threads
-from sdft_ray.memory import MemoryBaseline, tensor_bytes
+from sdft_ray.memory import MemoryBaseline, release_free_memory, tensor_bytes
 from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.scoring import score_trajectories
 from sdft_ray.trajectory import ScoreReceipt, Trajectories
@@ -96,6 +96,7 @@ class TeacherScorer(WeightHolder, SyncGroupMember):
                                             demonstration_shift=self.demonstration_shift)
             finally:
                 self.model.train(was_training)
+        release_free_memory()  # the batch's logits
         receipt = ScoreReceipt(worker=self.worker_index, teacher_version=self.version, sequences=len(traj),
                                seconds=time.perf_counter() - start)
         return receipt, scores

@@ -9,6 +9,8 @@ step that it kept, and other buffers hold.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 from collections.abc import Iterable
@@ -66,3 +68,18 @@ class MemoryBaseline:
         accounted = sum(tensors_mib.values())
         return {"pid": os.getpid(), **now, "baseline_rss": self.at_start["rss"], **tensors_mib,
                 "other": now["rss"] - self.at_start["rss"] - accounted}
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``): after a step's
+    activations and logits are freed, glibc keeps them mapped, and an actor's RSS stays at its
+    peak. Returns False where there is no glibc (nothing is done)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
