@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 from collections.abc import Iterable
@@ -70,16 +71,24 @@ class MemoryBaseline:
                 "other": now["rss"] - self.at_start["rss"] - accounted}
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once per process (None without glibc)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_memory() -> bool:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``): after a step's
     activations and logits are freed, glibc keeps them mapped, and an actor's RSS stays at its
     peak. Returns False where there is no glibc (nothing is done)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+    trim = _malloc_trim()
+    if trim is None:
         return False
     trim(0)
     return True
