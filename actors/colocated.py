@@ -67,11 +67,12 @@ class ColocatedWorker(LearnerWorker):
         if self.supervised:  # SFT: nothing is sampled or scored
             return info
         cfg = self.cfg
-        tokenizer = load_tokenizer(self.model_folder, cfg.model.trust_remote_code)
         self.rollout = RolloutWorker.in_process(
-            self.rank, HFEngine.on_module(self.engine.module, tokenizer, cfg.rollout.batch_size))
+            self.rank, HFEngine.on_module(self.engine.module, self.tokenizer, cfg.rollout.batch_size))
+        teacher_tokenizer = self.tokenizer if self.teacher_folder == self.model_folder else load_tokenizer(
+            self.teacher_folder, cfg.model.trust_remote_code)
         self.teacher = TeacherScorer.in_process(
-            self.rank, self._teacher_module(), load_tokenizer(self.teacher_folder, cfg.model.trust_remote_code),
+            self.rank, self._teacher_module(), teacher_tokenizer,
             teacher_signal_kind(cfg), cfg.loss.top_k, cfg.teacher.micro_batch_size, cfg.teacher.transfer_dtype,
             cfg.model_dump(mode="json"))
         self.teacher.incarnation = self.rollout.incarnation  # one process: one incarnation for both roles

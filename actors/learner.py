@@ -151,7 +151,8 @@ class LearnerWorker(SyncGroupMember):
             model.gradient_checkpointing_enable()
             if self.cfg.model.lora is not None:
                 model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        self.pad_id = int(load_tokenizer(self.model_folder, self.cfg.model.trust_remote_code).pad_token_id)
+        self.tokenizer = load_tokenizer(self.model_folder, self.cfg.model.trust_remote_code)
+        self.pad_id = int(self.tokenizer.pad_token_id)
         per_rank = self.cfg.sequences_per_learner
         micro = min(lc.micro_batch_size, per_rank)
         self.micro_batch_size = micro
@@ -417,7 +418,7 @@ class LearnerWorker(SyncGroupMember):
             save_adapter(folder_path / "student", state.items(), lora, self.model_folder)
         else:
             self.engine.module.save_pretrained(folder_path / "student", state_dict=state, safe_serialization=True)
-        load_tokenizer(self.model_folder).save_pretrained(folder_path / "student")
+        self.tokenizer.save_pretrained(folder_path / "student")
         if self.ema is not None:
             save_file({n: t.contiguous() for n, t in self.ema.state_dict().items()}, str(folder_path / "teacher_ema.safetensors"))
         for name, handle in (snapshots or {}).items():
