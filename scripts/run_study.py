@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fresh", action="store_true", help="delete --work first instead of reusing finished runs")
     ap.add_argument("--model", help="model folder or embedded:<name> (overrides the study file)")
     ap.add_argument("--profiles-only", action="store_true",
-                    help="only (re)compute the divergence-by-position profiles of a finished --work")
+                    help="only (re)compute the diagnostics of a finished --work: the divergence-by-position "
+                         "profiles and the facts' log-likelihoods")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a study field (dotted, YAML value); repeatable")
     return ap
@@ -108,10 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.profiles_only:
         import json
 
+        from sdft_ray.study.fact_likelihood import fact_likelihoods
         from sdft_ray.study.profiles import divergence_profiles
+        from sdft_ray.study.run import StudyRunner, read_jsonl
 
         chosen = json.loads((out / "gate.json").read_text(encoding="utf-8"))["chosen"]
-        for name, path in divergence_profiles(spec, work, out, spec.teacher_check.templates[chosen]).items():
+        paths = divergence_profiles(spec, work, out, spec.teacher_check.templates[chosen])
+        runner = StudyRunner(spec, out, work)
+        runner.prepare()  # the fact tasks and the base model (answers read from the cache)
+        prior_kl = {r["run"]: r["prior_kl"] for r in read_jsonl(out / "runs.jsonl") if r.get("prior_kl") is not None}
+        paths |= fact_likelihoods(spec, work, out, runner.facts_tasks, runner.base_folder, prior_kl)
+        for name, path in paths.items():
             print(f"  {name}: {path}")
         return 0
     paths = run_study(spec, out, work, echo=lambda s: print(s, flush=True))

@@ -4,7 +4,8 @@
 * :func:`mean_interval` - a mean with its 95 % Student-t interval (per-prompt KL / NLL);
 * :func:`mcnemar_exact` - the exact McNemar test of two paired 0/1 outcomes on the same questions
   (a two-sided binomial test on the discordant pairs);
-* :func:`wilcoxon_paired` - the Wilcoxon signed-rank test of paired per-prompt values.
+* :func:`wilcoxon_paired` - the Wilcoxon signed-rank test of paired per-prompt values;
+* :func:`difference_interval` - the difference of two independent means with its Welch interval.
 
 Every function returns plain floats (NaN where a quantity is undefined, e.g. an interval of 0
 rows) so that results go straight into JSON and CSV rows.
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["MeanInterval", "PairedTest", "mcnemar_exact", "mean_interval", "wilcoxon_paired", "wilson_interval"]
+__all__ = ["MeanInterval", "PairedTest", "difference_interval", "mcnemar_exact", "mean_interval", "wilcoxon_paired", "wilson_interval"]
 
 CONFIDENCE = 0.95
 
@@ -63,6 +64,27 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Me
         return MeanInterval(mean, mean, mean, n)
     half = float(t.ppf(0.5 + confidence / 2, df=n - 1)) * sem
     return MeanInterval(mean, mean - half, mean + half, n)
+
+
+def difference_interval(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> tuple[MeanInterval, float]:
+    """``mean(a) - mean(b)`` of two independent samples with its Welch (unequal variances) t
+    interval, and the two-sided Welch p-value (``n`` of the interval: ``len(a) + len(b)``); NaN
+    interval and p below 2 values on a side."""
+    from scipy.stats import ttest_ind
+
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    n = int(x.size + y.size)
+    if x.size == 0 or y.size == 0:
+        return MeanInterval(math.nan, math.nan, math.nan, n), math.nan
+    diff = float(x.mean() - y.mean())
+    if x.size < 2 or y.size < 2:
+        return MeanInterval(diff, math.nan, math.nan, n), math.nan
+    if float(x.var(ddof=1)) == 0.0 and float(y.var(ddof=1)) == 0.0:
+        return MeanInterval(diff, diff, diff, n), (1.0 if diff == 0.0 else 0.0)
+    result = ttest_ind(x, y, equal_var=False)
+    ci = result.confidence_interval(confidence)
+    return MeanInterval(diff, float(ci.low), float(ci.high), n), float(result.pvalue)
 
 
 @dataclass(frozen=True)

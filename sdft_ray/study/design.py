@@ -67,15 +67,20 @@ def teacher_rows(rows: Sequence[Mapping[str, Any]], demonstrations: Sequence[str
             for r, demo in zip(rows, demonstrations)]
 
 
-def fact_demonstrations(rows: Sequence[Mapping[str, Any]], train_rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """For every eval row, the training demonstration of the same (entity, fact)."""
-    demos: dict[FactPair, str] = {}
+def fact_training_rows(rows: Sequence[Mapping[str, Any]], train_rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """For every eval row, the (first) training row of the same (entity, fact)."""
+    by_pair: dict[FactPair, Mapping[str, Any]] = {}
     for i, r in enumerate(train_rows):
-        demos.setdefault(_pair(r, f"train row {i}"), r["demonstration"])
-    missing = [_pair(r, f"row {i}") for i, r in enumerate(rows) if _pair(r, f"row {i}") not in demos]
+        by_pair.setdefault(_pair(r, f"train row {i}"), r)
+    missing = [_pair(r, f"row {i}") for i, r in enumerate(rows) if _pair(r, f"row {i}") not in by_pair]
     if missing:
         raise ValueError(f"no training demonstration for {missing[:3]} ({len(missing)} rows)")
-    return [demos[_pair(r, "")] for r in rows]
+    return [by_pair[_pair(r, "")] for r in rows]
+
+
+def fact_demonstrations(rows: Sequence[Mapping[str, Any]], train_rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """For every eval row, the training demonstration of the same (entity, fact)."""
+    return [r["demonstration"] for r in fact_training_rows(rows, train_rows)]
 
 
 def reference_demonstrations(rows: Sequence[Mapping[str, Any]], reference_column: str = "reference") -> list[str]:

@@ -21,6 +21,7 @@ import math
 import os
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,20 @@ PROFILE_CSV = "divergence_by_position.csv"
 PROFILE_PNG = "divergence_by_position.png"
 
 
-def _models(spec: StudySpec, work: Path) -> list[tuple[str, str | None, Any]]:
-    """(label, checkpoint student folder or None for the base model, arm) to profile."""
-    out: list[tuple[str, str | None, Any]] = [("base", None, spec.arms[0])]
+@dataclass(frozen=True)
+class KeptModel:
+    """The base model (``folder`` None, ``run`` "base") or a phase-1 run whose checkpoint's
+    student weights were kept (the first seed of every setting)."""
+
+    label: str
+    folder: str | None
+    arm: Any
+    run: str
+
+
+def kept_models(spec: StudySpec, work: Path) -> list[KeptModel]:
+    """The base model, then every kept phase-1 checkpoint, in the study file's arm order."""
+    out = [KeptModel("base", None, spec.arms[0], "base")]
     for arm in spec.arms:
         seed = spec.arm_seeds(arm)[0]
         for lr in arm.lrs:
@@ -42,7 +54,7 @@ def _models(spec: StudySpec, work: Path) -> list[tuple[str, str | None, Any]]:
                 continue
             folder = json.loads(record.read_text(encoding="utf-8"))["info"].get("checkpoint")
             if folder and Path(folder).is_dir():
-                out.append((f"{arm.name} lr={lr:g}", folder, arm))
+                out.append(KeptModel(f"{arm.name} lr={lr:g}", folder, arm, f"p1/{arm.name}/lr{lr_tag(lr)}/s{seed}"))
     return out
 
 
@@ -52,7 +64,7 @@ def _probe_config(spec: StudySpec, arm: Any, work: Path, template: str) -> Any:
     sdft = arm if arm.variant != SFT_VARIANT else next((a for a in spec.arms if a.variant != SFT_VARIANT), arm)
     lr = sdft.lrs[0]
     cfg = spec.run_config(sdft, lr, spec.seeds[0], model_path=spec.model, data_path=str(work / "data" / "train_facts.jsonl"),
-                          out_dir=str(work / "profiles"), template=template, epochs=spec.facts.epochs)
+                          out_dir=str(work / "profiles"), template=template, epochs=spec.arm_epochs(sdft))
     return cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"reference_column": "answer"})})
 
 
@@ -79,7 +91,8 @@ def divergence_profiles(spec: StudySpec, work: str | os.PathLike[str], out: str 
     (work / "profiles").mkdir(parents=True, exist_ok=True)
     base = resolve_model_path(spec.model)
     rows: list[dict[str, Any]] = []
-    for label, folder, arm in _models(spec, work):
+    for kept in kept_models(spec, work):
+        label, folder, arm = kept.label, kept.folder, kept.arm
         path = work / "profiles" / ("".join(ch if ch.isalnum() else "_" for ch in label) + ".json")
         if not path.is_file():
             echo(f"[study] divergence profile: {label}")

@@ -390,7 +390,7 @@ class StudyRunner:
             run = f"p1/{arm.name}/lr{lr_tag(lr)}/s{seed}"
             run_dir = self.work / "runs" / run.replace("/", "-")
             cfg = spec.run_config(arm, lr, seed, model_path=self.base_folder, data_path=str(self.facts_train_file),
-                                  out_dir=run_dir, template=template, epochs=spec.facts.epochs)
+                                  out_dir=run_dir, template=template, epochs=spec.arm_epochs(arm))
             record = ModelRecord(run, "phase1", arm.name, arm.variant, lr, seed)
             self.records.append(self.train_and_evaluate(record, arm, cfg, run_dir, tools=False,
                                                         keep_student=seed == spec.seeds[0]))
@@ -417,6 +417,16 @@ class StudyRunner:
 
         divergence_profiles(self.spec, self.work, self.out, self.spec.teacher_check.templates[self.chosen.label],
                             echo=self.progress.say)
+        self.fact_likelihoods()
+
+    def fact_likelihoods(self) -> dict[str, Path]:
+        """The log-probability of every fact's answer under the base model and every kept phase-1
+        checkpoint (a diagnostic beside the pre-registered measures)."""
+        from sdft_ray.study.fact_likelihood import fact_likelihoods
+
+        prior_kl = {r.run: sum(v) / len(v) for r in self.records if r.phase == "phase1" and (v := r.kl_values())}
+        return fact_likelihoods(self.spec, self.work, self.out, self.facts_tasks, self.base_folder, prior_kl,
+                                echo=self.progress.say)
 
     # ---- phase 2 -------------------------------------------------------------------------
     def phase2(self) -> None:

@@ -59,7 +59,8 @@ class FactsSpec(_Section):
     n_train: int = Field(24, ge=1, description="Entity-fact pairs trained.")
     n_control: int = Field(24, ge=1, description="Entity-fact pairs never trained (controls), other entities.")
     selection_seed: int = Field(0, description="Seeds the deterministic choice of trained and control pairs.")
-    epochs: float = Field(10.0, gt=0, description="Passes over the trained facts (every run: SFT and SDFT alike).")
+    epochs: float = Field(10.0, gt=0, description="Passes over the trained facts of every run (SFT and SDFT alike), "
+                                                      "unless an arm sets its own epochs.")
     min_samples_per_fact: int = Field(8, ge=1, description="Refuse a study giving a fact fewer on-policy samples.")
 
 
@@ -110,6 +111,8 @@ class ArmSpec(_Section):
     overrides: dict[str, Any] = Field(default_factory=dict, description="RunConfig tree merged for this arm only.")
     seeds: list[int] | None = Field(None, min_length=1, description="This arm's seeds, a subset of the study's "
                                     "(an ablation run with fewer seeds); default: all of the study's seeds.")
+    epochs: float | None = Field(None, gt=0, description="This arm's passes over the trained facts (a longer "
+                                 "schedule); default: facts.epochs.")
 
     @field_validator("lrs")
     @classmethod
@@ -153,9 +156,9 @@ class StudySpec(_Section):
                                  f"holding the first one, {self.seeds[0]} (its checkpoints start phase 2)")
             cfg = self.run_config(arm, arm.lrs[0], self.seeds[0], model_path=self.model, data_path=self.facts.train,
                                   out_dir="runs/study-check", template=next(iter(self.teacher_check.templates.values())),
-                                  epochs=self.facts.epochs)
+                                  epochs=self.arm_epochs(arm))
             if arm.variant != SFT_VARIANT:
-                samples = self.facts.epochs * cfg.rollout.num_samples
+                samples = self.arm_epochs(arm) * cfg.rollout.num_samples
                 if samples < self.facts.min_samples_per_fact:
                     raise ValueError(f"arms[{arm.name}]: facts.epochs x rollout.num_samples = {samples:g} on-policy "
                                      f"samples per fact, under facts.min_samples_per_fact = "
@@ -170,6 +173,10 @@ class StudySpec(_Section):
     def arm_seeds(self, arm: ArmSpec) -> list[int]:
         """The seeds an arm runs with, in the study's order."""
         return [s for s in self.seeds if arm.seeds is None or s in arm.seeds]
+
+    def arm_epochs(self, arm: ArmSpec) -> float:
+        """The passes over the trained facts of an arm's phase-1 runs."""
+        return self.facts.epochs if arm.epochs is None else arm.epochs
 
     def arm(self, name: str) -> ArmSpec:
         return next(a for a in self.arms if a.name == name)
