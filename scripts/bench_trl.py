@@ -89,10 +89,15 @@ def trl_child(spec_path: str) -> int:
         stamps: list[float] = []
         cpu: list[float] = []
         tokens: list[int] = []
+        # per step: seconds generating (sample_rollouts) and in the teacher's forward passes
+        rollout_s: list[float] = []
+        teacher_s: list[float] = [0.0]
 
         class Counting(SDFTTrainer):
             def sample_rollouts(self, inputs):
+                t = time.perf_counter()
                 batch = super().sample_rollouts(inputs)
+                rollout_s.append(time.perf_counter() - t)
                 tokens.append(int(batch["raw_completion_lengths"].sum()))
                 return batch
 
@@ -100,6 +105,16 @@ def trl_child(spec_path: str) -> int:
             def on_step_end(self, args, state, control, **kwargs):
                 stamps.append(time.time())
                 cpu.append(cpu_s())
+                teacher_s.append(0.0)
+
+        def time_teacher(module) -> None:
+            """Add the teacher module's forward passes to the current step's teacher seconds."""
+            started: list[float] = []
+            module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+
+            def done(*_):
+                teacher_s[-1] += time.perf_counter() - started.pop()
+            module.register_forward_hook(done)
 
         config = SDFTConfig(
             output_dir=spec["output_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["prompts"],
@@ -123,9 +138,12 @@ def trl_child(spec_path: str) -> int:
         trainer = Counting(model=spec["model"], args=config, train_dataset=dataset, processing_class=tokenizer,
                            peft_config=peft_config)
         trainer.add_callback(StepTimer())  # after the EMA callback: a step ends after the teacher update
+        if trainer.teacher_model is not trainer.model:  # LoRA: the student with its EMA adapter, not timed apart
+            time_teacher(trainer.teacher_model)
         out["startup_s"] = time.perf_counter() - t0
         trainer.train()
-        out.update(ok=True, end_times=stamps, cpu_at_ends=cpu, tokens=tokens,
+        out.update(ok=True, end_times=stamps, cpu_at_ends=cpu, tokens=tokens, rollout_s=rollout_s,
+                   teacher_s=teacher_s[:len(stamps)] if trainer.teacher_model is not trainer.model else None,
                    ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    teacher_is_separate_model=trainer.teacher_model is not trainer.model,
                    losses=[h.get("loss") for h in trainer.state.log_history if "loss" in h])
@@ -139,6 +157,22 @@ def trl_child(spec_path: str) -> int:
 def lora_settings(r: int) -> dict:
     """The adapters of the LoRA rows (TRL's ``LoraConfig`` and sdft-ray's ``model.lora`` alike)."""
     return {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def trl_phase_means(end_times: list[float], rollout_s: list[float], teacher_s: list[float] | None) -> dict:
+    """TRL's step split as sdft-ray's ``time/*`` metrics, over the timed steps (after the first):
+    generation, the teacher's forward passes (when the teacher is a module of its own) and the
+    rest of the step (the student's forward and backward, the optimizer, the EMA) as learner."""
+    steps = [b - a for a, b in zip(end_times, end_times[1:])]
+    if not steps or len(rollout_s) < len(end_times):
+        return {}
+    timed = range(1, len(end_times))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    out = {"time/step": mean(steps), "time/rollout_busy": mean([rollout_s[i] for i in timed])}
+    if teacher_s is not None and len(teacher_s) >= len(end_times):
+        out["time/teacher_busy"] = mean([teacher_s[i] for i in timed])
+    out["time/learner_busy"] = out["time/step"] - out["time/rollout_busy"] - out.get("time/teacher_busy", 0.0)
+    return out
 
 
 def run_trl(args: argparse.Namespace, model_folder: Path, teacher_template: str, max_prompt_tokens: int,
@@ -182,6 +216,7 @@ def run_trl(args: argparse.Namespace, model_folder: Path, teacher_template: str,
     if len(ends) >= 2 and ends[-1] > ends[0]:
         result.cores_busy = (cpu[-1] - cpu[0]) / (ends[-1] - ends[0])  # the child's own CPU seconds (exact)
     result.peak_rss_workers_mb = out["ru_maxrss_mb"]  # one process: its peak RSS
+    result.phase_means = trl_phase_means(ends, out.get("rollout_s") or [], out.get("teacher_s"))
     result.extra.update(trl_version=out.get("trl_version"), torch_threads=out.get("torch_threads"),
                         teacher_is_separate_model=out.get("teacher_is_separate_model"), loss=out.get("losses"),
                         sampled_peak_rss_mb=sampler.peak_rss_total / 2**20)

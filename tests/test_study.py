@@ -134,6 +134,26 @@ def test_an_arm_can_run_fewer_seeds():
     assert spec.arm_seeds(spec.arm("ablation")) == [0, 2]  # the study's order
 
 
+def test_an_arm_can_train_longer_and_is_held_to_the_samples_floor():
+    """``arms[].epochs`` sets that arm's passes over the trained facts (its run's schedule.epochs);
+    the others keep facts.epochs; the on-policy samples floor is checked with the arm's epochs."""
+    tree = _tree(arms=[{"name": "short", "variant": "sdft", "lrs": [1e-3]},
+                       {"name": "long", "variant": "sdft", "lrs": [1e-3], "epochs": 40}])
+    spec = study_from_dict(tree, "quick.yaml")
+
+    def epochs(name):
+        arm = spec.arm(name)
+        return spec.run_config(arm, 1e-3, 0, model_path="m", data_path=str(FACTS), out_dir="o", template="paper",
+                               epochs=spec.arm_epochs(arm)).schedule.epochs
+
+    assert epochs("short") == spec.facts.epochs and epochs("long") == 40.0
+    floor = {**tree["facts"], "epochs": 1, "min_samples_per_fact": 4}
+    with pytest.raises(ConfigError, match=r"arms\[short\]: facts.epochs x rollout.num_samples = 1"):
+        study_from_dict({**tree, "facts": floor}, "quick.yaml")
+    ok = {**tree, "facts": floor, "arms": [{"name": "long", "variant": "sdft", "lrs": [1e-3], "epochs": 4}]}
+    assert study_from_dict(ok, "quick.yaml").arm_epochs(study_from_dict(ok, "quick.yaml").arms[0]) == 4
+
+
 # ---- data design -----------------------------------------------------------------------------
 
 
@@ -350,6 +370,13 @@ def test_quick_study_end_to_end(tmp_path):
     profiles = list(csv.DictReader(open(out / "divergence_by_position.csv", encoding="utf-8")))
     assert {r["model"] for r in profiles} == {"base"} | {f"{a.name} lr={lr:g}" for a in spec.arms for lr in a.lrs}
     assert all(int(r["rows"]) >= 1 and float(r["divergence"]) >= 0 for r in profiles)
+    # the facts' log-likelihoods: every kept model x every fact question; the base model's change is 0
+    facts = list(csv.DictReader(open(out / "fact_logprob.csv", encoding="utf-8")))
+    models = {"base"} | {f"{a.name} lr={lr:g}" for a in spec.arms for lr in a.lrs}
+    assert {r["model"] for r in facts} == models
+    assert len(facts) == len(models) * 3 * (spec.facts.n_train + spec.facts.n_control)
+    assert all(float(r["logprob"]) < 0 and float(r["delta"]) == 0.0 for r in facts if r["model"] == "base")
+    assert (out / "fact_logprob.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
     assert "## Phase 0: the teacher check" in summary and "**Verdict:" in summary
     training = _rows(out / "training.jsonl")
