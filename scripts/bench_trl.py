@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                       bc.fmt(r.peak_rss_workers_mb, ".0f"), bc.fmt(r.peak_pss_total_mb, ".0f"),
                       bc.fmt(r.startup_s, ".1f"))
     con.print(table)
+    con.print(bc.phase_table("mean seconds per timed step, by phase (sdft-ray: controller metrics; TRL: generation, "
+                             "the teacher module's forward passes, the rest as learner_busy)", results))
     for r in ray_results:
         if r.ok and r.peak_rss_by_actor_mb:
             print(f"  {r.name}: peak RSS by Ray process kind (MB) "

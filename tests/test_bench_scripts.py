@@ -35,3 +35,18 @@ def test_bench_sdft_vs_sft_tiny_prints_ratio(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["ratios"]["sdft_over_sft_step_time"] > 0
     assert {r["name"] for r in payload["results"]} == {"sft", "sdft"}
+
+
+def test_trl_phase_split_by_hand():
+    """TRL's rows split a step like sdft-ray's time/* metrics, over the steps after the first:
+    step i runs from end i-1 to end i; its generation and teacher seconds are the i-th entries."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_trl import trl_phase_means
+
+    got = trl_phase_means([0.0, 10.0, 22.0], [3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
+    assert got == pytest.approx({"time/step": 11.0, "time/rollout_busy": 4.5, "time/teacher_busy": 2.5,
+                                 "time/learner_busy": 4.0})
+    # LoRA (teacher not a module of its own): the teacher's passes stay in learner_busy
+    assert trl_phase_means([0.0, 10.0, 22.0], [3.0, 4.0, 5.0], None) == pytest.approx(
+        {"time/step": 11.0, "time/rollout_busy": 4.5, "time/learner_busy": 6.5})
+    assert trl_phase_means([0.0], [3.0], None) == {}
