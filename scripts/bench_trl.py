@@ -159,6 +159,14 @@ def lora_settings(r: int) -> dict:
     return {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
+def vllm_settings() -> dict:
+    """``rollout.vllm`` of ``configs/quickstart_vllm.yaml`` (in-process engine, eager, a 512 MiB KV cache)."""
+    import yaml
+
+    tree = yaml.safe_load((bc.REPO / "configs" / "quickstart_vllm.yaml").read_text(encoding="utf-8"))
+    return dict(tree["rollout"]["vllm"])
+
+
 def trl_phase_means(end_times: list[float], rollout_s: list[float], teacher_s: list[float] | None) -> dict:
     """TRL's step split as sdft-ray's ``time/*`` metrics, over the timed steps (after the first):
     generation, the teacher's forward passes (when the teacher is a module of its own) and the
@@ -180,11 +188,12 @@ def run_trl(args: argparse.Namespace, model_folder: Path, teacher_template: str,
     result = bc.Result(name="trl SDFTTrainer" + (f" LoRA r={lora}" if lora else ""), loadavg_start=bc.loadavg(),
                        settings={"threads": args.threads, "prompts_per_step": args.prompts,
                                  "max_new_tokens": args.max_new_tokens, "dtype": args.dtype})
-    try:
-        import trl  # noqa: F401
-        from trl.experimental.sdft import SDFTTrainer  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        result.error = f"TRL cannot be imported ({type(exc).__name__}: {exc}); pip install --no-deps trl==1.16.0"
+    python = args.trl_python or sys.executable
+    check = subprocess.run([python, "-c", "from trl.experimental.sdft import SDFTTrainer"], capture_output=True,
+                           text=True)
+    if check.returncode != 0:
+        why = (check.stderr.strip().splitlines() or ["no output"])[-1]
+        result.error = f"TRL cannot be imported by {python} ({why}); pip install --no-deps trl==1.16.0"
         result.loadavg_end = bc.loadavg()
         return result
     spec = {"model": str(model_folder), "data": str(args.data), "steps": args.steps, "prompts": args.prompts,
@@ -196,7 +205,7 @@ def run_trl(args: argparse.Namespace, model_folder: Path, teacher_template: str,
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_trl-child", str(spec_path)], env=env)
+    proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--_trl-child", str(spec_path)], env=env)
     sampler = bc.TreeSampler(proc.pid, interval=args.sample_interval, pss_interval=args.pss_interval)
     sampler.start()
     rc = proc.wait()
@@ -261,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--staleness", default="0,1", help="sdft-ray max_staleness values to measure")
     ap.add_argument("--skip-trl", action="store_true", help="measure sdft-ray only")
     ap.add_argument("--no-colocated", action="store_true", help="skip the placement.mode colocated row")
+    ap.add_argument("--vllm", action="store_true",
+                    help="also disaggregated rows with vLLM rollout (synchronous and each --staleness > 0); run "
+                         "the script with the vLLM environment's Python and --trl-python .venv/bin/python")
+    ap.add_argument("--trl-python", default=None, metavar="PYTHON",
+                    help="interpreter of the TRL child process (default: this one), e.g. .venv/bin/python when "
+                         "the script runs in .venv-vllm, which has no TRL")
     ap.add_argument("--lora", type=int, default=0, metavar="R",
                     help="also LoRA rows (rank R on the attention projections): TRL and sdft-ray colocated")
     args = ap.parse_args(argv)
@@ -294,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     colocated = {**shared, "schedule.max_staleness": 0, "placement.mode": "colocated"}
     if not args.no_colocated:  # one actor holding every role, the synchronous algorithm
         configs.insert(0, ("sdft-ray colocated", colocated))
+    if args.vllm:  # the rollout engine of configs/quickstart_vllm.yaml, the roles as in the rows above
+        engine = vllm_settings()
+        engine["max_model_len"] = max(engine["max_model_len"], probe.prompts.max_prompt_tokens + args.max_new_tokens)
+        vllm = {"rollout.engine": "vllm", "rollout.vllm": engine}
+        configs += [(f"{name} vLLM rollout", {**overrides, **vllm}) for name, overrides in list(configs)
+                     if overrides.get("placement.mode") != "colocated"]
     if args.lora:
         adapters = {k.removeprefix("lora_"): v for k, v in lora_settings(args.lora).items()}
         configs.append((f"sdft-ray colocated LoRA r={args.lora}", {**colocated, "model.lora": adapters}))
