@@ -184,7 +184,7 @@ def fact_likelihoods(spec: StudySpec, work: str | os.PathLike[str], out: str | o
 def plot_fact_likelihoods(summary: Sequence[dict[str, Any]], path: Path, kind: str = "strict") -> Path:
     """Trained-minus-control change of the facts' log-probability (``kind`` questions, 95 %
     Welch interval) against the mean prior KL, one point per model: a continuous frontier."""
-    from sdft_ray.study.report import _plt
+    from sdft_ray.study.report import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -202,8 +202,4 @@ def plot_fact_likelihoods(summary: Sequence[dict[str, Any]], path: Path, kind: s
     ax.set_ylabel(f"log p(answer) change, trained minus control ({kind}), nats")
     ax.set_title("what training put into the trained facts (blue squares SFT, red circles SDFT)", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -107,7 +107,7 @@ def divergence_profiles(spec: StudySpec, work: str | os.PathLike[str], out: str 
 def plot_profiles(rows: list[dict[str, Any]], path: Path) -> Path:
     """Mean divergence by response position, one line per model (positions reached by >= 3
     rows); below, the base teacher's demonstration shift on the same samples."""
-    from sdft_ray.study.report import _plt
+    from sdft_ray.study.report import _plt, save_figure
 
     plt = _plt()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True)
@@ -124,8 +124,4 @@ def plot_profiles(rows: list[dict[str, Any]], path: Path) -> Path:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     top.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -273,6 +273,17 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (PNG, folders made), close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_frontier(runner: StudyRunner, path: Path) -> Path:
     """x = mean prior KL(base || model) (95 % t interval over prompts), y = trained-facts strict
     accuracy (95 % Wilson); one point per phase-1 run (every seed), one colour per arm, one
@@ -303,11 +314,7 @@ def plot_frontier(runner: StudyRunner, path: Path) -> Path:
     ax.legend(fontsize=7, loc="best")
     ax.set_title(f"{runner.spec.model}: learning vs forgetting, one point per run (seeds {runner.spec.seeds}); "
                  "bars: 95 % intervals", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_curriculum(runner: StudyRunner, path: Path) -> Path:
@@ -346,11 +353,7 @@ def plot_curriculum(runner: StudyRunner, path: Path) -> Path:
     acc_ax.legend(fontsize=7)
     kl_ax.legend(fontsize=7)
     fig.suptitle(f"{runner.spec.model}: the curriculum from each variant's best phase-1 setting", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- summary.md ------------------------------------------------------------------------------
