@@ -1,8 +1,10 @@
 """One actor per learner rank that holds all three roles (``placement.mode: colocated``).
 
 The learner (:class:`~actors.learner.LearnerWorker`) trains the student; the rollout role samples
-with that same live module (no weights move); the teacher role scores with a module of its own in
-the same process: the EMA teacher, the base model (``frozen``), another model (variant ``opd``)
+with that same live module (no weights move) or, with ``rollout.engine: vllm``, with a vLLM engine
+in the same process that is handed the learner's weights in process after every step (on GPUs it
+sleeps - weights offloaded, KV cache freed - while the learner trains: ``rollout.vllm.sleep_level:
+1``); the teacher role scores with a module of its own in the same process: the EMA teacher, the base model (``frozen``), another model (variant ``opd``)
 or the live student itself (``live``). Where they can, the teacher module's parameters *are*
 tensors the learner keeps anyway (no second copy):
 
@@ -26,10 +28,11 @@ import torch
 from actors.learner import LearnerWorker, teacher_signal_kind
 from actors.rollout import RolloutWorker
 from actors.teacher import TeacherScorer
+from sdft_ray.engines import make_engine
 from sdft_ray.engines.hf import HFEngine
 from sdft_ray.lora import add_adapters
 from sdft_ray.memory import tensor_bytes
-from sdft_ray.models import load_causal_lm, load_tokenizer
+from sdft_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from sdft_ray.roles import on_ranks
 from sdft_ray.weights import IN_PROCESS, WeightHandle, get_transport, load_named_tensors
 
@@ -67,8 +70,12 @@ class ColocatedWorker(LearnerWorker):
         if self.supervised:  # SFT: nothing is sampled or scored
             return info
         cfg = self.cfg
-        self.rollout = RolloutWorker.in_process(
-            self.rank, HFEngine.on_module(self.engine.module, self.tokenizer, cfg.rollout.batch_size))
+        if cfg.rollout.engine == "hf":  # the live student: nothing to hand over
+            engine = HFEngine.on_module(self.engine.module, self.tokenizer, cfg.rollout.batch_size)
+        else:  # an engine with weights of its own, loaded in process from the learner's
+            engine = make_engine(cfg.rollout.engine, self.model_folder, cfg.model.dtype, cfg.model.trust_remote_code,
+                                 cfg.rollout.batch_size, cfg.rollout.vllm)
+        self.rollout = RolloutWorker.in_process(self.rank, engine)
         teacher_tokenizer = self.tokenizer if self.teacher_folder == self.model_folder else load_tokenizer(
             self.teacher_folder, cfg.model.trust_remote_code)
         self.teacher = TeacherScorer.in_process(
@@ -99,6 +106,11 @@ class ColocatedWorker(LearnerWorker):
         """Every rank keeps the EMA: its own teacher scores with it (ZeRO 0-2: full parameters)."""
         return self.full_parameters()
 
+    @property
+    def rollout_is_live(self) -> bool:
+        """The rollout role samples with the learner's own module (the ``transformers`` engine)."""
+        return getattr(self.rollout.engine, "model", None) is self.engine.module
+
     # ---- the roles ---------------------------------------------------------------------------
     def role_call(self, role: str, method: str, *args: Any, **kwargs: Any) -> Any:
         """A call of :class:`sdft_ray.roles.ColocatedRoleGroup` for ``role``'s ``method``."""
@@ -118,10 +130,15 @@ class ColocatedWorker(LearnerWorker):
                                    f"learner is at step {self.step}")
             if role == "teacher" and handle.kind == "teacher" and not self.teacher_is_ema:
                 load_named_tensors(self.teacher.model, self.ema.named_tensors())
+            if role == "rollout" and not self.rollout_is_live:
+                # vLLM: the student's weights in the model dtype, straight from the learner's module (on
+                # its device: no host round trip; ZeRO 0-2 keep full parameters on every rank)
+                dtype = torch_dtype(self.cfg.model.dtype)
+                self.rollout.engine.load_weights((n, p.detach().to(dtype)) for n, p in self.synced_parameters())
         elif role == "teacher":
             load_named_tensors(self.teacher.model, get_transport(handle.transport).receive(handle))
         else:
-            raise RuntimeError(f"rollout samples with the live student; it cannot hold {handle.transport} weights")
+            raise RuntimeError(f"rollout samples with the learner's weights; it cannot hold {handle.transport} weights")
         return holder.loaded(handle.version)
 
     def snapshot_tensors(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:

@@ -349,11 +349,20 @@ class RunConfig(_Section):
 
     def _check_colocated(self) -> None:
         """What one actor holding all three roles cannot do (placement.mode 'colocated')."""
+        if self.teacher.engine != "hf":
+            raise ValueError("placement.mode 'colocated' scores with the EMA teacher's module in the learner's "
+                             "process (teacher.engine 'hf'); teacher.engine 'vllm' needs placement.mode "
+                             "'disaggregated'")
+        if self.rollout.engine == "vllm" and self.placement.learner.num_gpus > 0 \
+                and self.rollout.vllm.get("sleep_level", 0) != 1:
+            raise ValueError("placement.mode 'colocated' with rollout.engine 'vllm' on GPUs: the engine shares the "
+                             "learner's device, so it must sleep while the learner trains: set "
+                             "rollout.vllm.sleep_level: 1 (and rollout.vllm.gpu_memory_utilization to the share "
+                             "of the device it may take while awake)")
+        if self.rollout.engine == "vllm" and self.model.lora is not None:
+            raise ValueError("placement.mode 'colocated' with rollout.engine 'vllm' and model.lora: the vLLM engine "
+                             "does not load sdft-ray's adapters yet (use rollout.engine 'hf')")
         for role in ("rollout", "teacher"):
-            if getattr(self, role).engine != "hf":
-                raise ValueError(f"placement.mode 'colocated' runs {role}.engine 'hf' in the learner's process; "
-                                 f"{role}.engine 'vllm' there needs vLLM's sleep mode, which is not wired in yet: use "
-                                 "placement.mode 'disaggregated' for vLLM")
             if getattr(self, role).num_workers != self.learner.num_workers:
                 raise ValueError(f"placement.mode 'colocated': every learner rank is also a {role} worker, so "
                                  f"{role}.num_workers = {getattr(self, role).num_workers} must equal "

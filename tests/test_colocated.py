@@ -106,14 +106,25 @@ def test_colocated_stop_resume_is_exact_and_switches_mode(ray_local, tiny_model_
 
 
 @pytest.mark.parametrize("sections, field", [
-    ({"rollout": {"engine": "vllm"}}, "rollout.engine"),
+    ({"teacher": {"engine": "vllm"}}, "teacher.engine"),
+    ({"rollout": {"engine": "vllm", "vllm": {"max_model_len": 2048}},
+      "placement": {"mode": "colocated", "learner": {"num_gpus": 1}}}, "rollout.vllm.sleep_level"),
     ({"rollout": {"sync_every": 2}}, "rollout.sync_every"),
     ({"learner": {"zero_stage": 3}}, "learner.zero_stage"),
     ({"rollout": {"num_workers": 2}}, "rollout.num_workers"),
 ])
 def test_colocated_refuses_what_one_process_cannot_do(tiny_model_dir, tiny_data, tmp_path, sections, field):
+    sections.setdefault("placement", {"mode": "colocated"})
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        tiny_config(tiny_model_dir, tiny_data, tmp_path, placement={"mode": "colocated"}, **sections)
+        tiny_config(tiny_model_dir, tiny_data, tmp_path, **sections)
+
+
+def test_colocated_vllm_rollout_on_gpus_validates_with_sleep_mode(tiny_model_dir, tiny_data, tmp_path):
+    """The GPU set-up the check asks for is accepted: vLLM shares the learner's device and sleeps."""
+    cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path, rollout={"engine": "vllm", "vllm": {
+        "max_model_len": 2048, "sleep_level": 1, "gpu_memory_utilization": 0.3}},
+        placement={"mode": "colocated", "learner": {"num_gpus": 1}})
+    assert cfg.placement.mode == "colocated" and cfg.rollout.vllm["sleep_level"] == 1
 
 
 def test_generation_on_a_live_module_keeps_its_mode_and_the_rng(tiny_model_dir):

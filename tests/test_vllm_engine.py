@@ -268,3 +268,37 @@ def test_sdft_trains_with_vllm_rollout_and_vllm_teacher(ray_local, rollout_actor
     assert [h["rollout/policy_version_min"] for h in history] == [0, 1, 2]
     assert [h["teacher/version_min"] for h in history] == [0, 1, 2]
     assert all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_colocated_vllm_rollout_equals_disaggregated(ray_local, rollout_actor, vllm_model_dir, tiny_data, tmp_path):
+    """placement.mode colocated with rollout.engine vllm: the engine lives in the learner's process
+    and is handed the learner's weights there after every step. With the same seeds it samples
+    what a vLLM rollout actor fed through the object store samples: same tokens, losses and
+    gradient norms step by step; the policy version follows the learner."""
+    import ray
+
+    from conftest import tiny_config
+    from sdft_ray.runner import prepare
+
+    ray.kill(rollout_actor)  # free the cores for the runs' own actors
+    cpu = {"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 256, "enforce_eager": True, "seed": 0}
+    placement = {r: {"num_cpus": 0.5, "torch_threads": 1} for r in ("rollout", "teacher", "learner")}
+
+    def run(mode):
+        cfg = tiny_config(vllm_model_dir, tiny_data, tmp_path / mode, rollout={"engine": "vllm", "vllm": cpu},
+                          teacher={"kind": "ema", "ema_rate": 0.2}, learner={"lr": 1e-2},
+                          schedule={"max_staleness": 0, "prompts_per_step": 4, "seed": 5, "max_steps": 3},
+                          placement={**placement, "mode": mode},
+                          prompts={"max_prompt_tokens": 120, "max_teacher_prompt_tokens": 248})
+        ctl = prepare(cfg).controller()
+        ctl.start()
+        try:
+            return ctl.run()["history"]
+        finally:
+            ctl.shutdown()
+
+    apart, together = run("disaggregated"), run("colocated")
+    assert [h["rollout/policy_version_min"] for h in together] == [0, 1, 2]
+    for a, b in zip(apart, together):
+        for key in ("rollout/tokens", "loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a[key], b[key])
