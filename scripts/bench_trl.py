@@ -27,6 +27,8 @@ process does; ``--no-colocated`` skips it) and, unless ``--staleness 0``, pipeli
 
     .venv/bin/python scripts/bench_trl.py                        # SmolLM2-135M
     .venv/bin/python scripts/bench_trl.py --tiny --steps 3       # smoke run
+    # every row of issue 13: + vLLM rollout (colocated, sync, pipelined) and LoRA, TRL from .venv
+    .venv-vllm/bin/python scripts/bench_trl.py --steps 4 --vllm --lora 16 --trl-python .venv/bin/python
 
 Needs ``trl`` (tested with 1.16.0): ``.venv/bin/pip install --no-deps trl==1.16.0``; if TRL
 cannot be imported or fails, the script says why and still measures sdft-ray.
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-trl", action="store_true", help="measure sdft-ray only")
     ap.add_argument("--no-colocated", action="store_true", help="skip the placement.mode colocated row")
     ap.add_argument("--vllm", action="store_true",
-                    help="also disaggregated rows with vLLM rollout (synchronous and each --staleness > 0); run "
+                    help="also rows with vLLM rollout (colocated, synchronous and each --staleness > 0); run "
                          "the script with the vLLM environment's Python and --trl-python .venv/bin/python")
     ap.add_argument("--trl-python", default=None, metavar="PYTHON",
                     help="interpreter of the TRL child process (default: this one), e.g. .venv/bin/python when "
@@ -313,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = vllm_settings()
         engine["max_model_len"] = max(engine["max_model_len"], probe.prompts.max_prompt_tokens + args.max_new_tokens)
         vllm = {"rollout.engine": "vllm", "rollout.vllm": engine}
-        configs += [(f"{name} vLLM rollout", {**overrides, **vllm}) for name, overrides in list(configs)
-                     if overrides.get("placement.mode") != "colocated"]
+        configs += [(f"{name} vLLM rollout", {**overrides, **vllm}) for name, overrides in list(configs)]
     if args.lora:
         adapters = {k.removeprefix("lora_"): v for k, v in lora_settings(args.lora).items()}
         configs.append((f"sdft-ray colocated LoRA r={args.lora}", {**colocated, "model.lora": adapters}))
