@@ -481,6 +481,7 @@ def run_sdft_ray(name: str, cfg, *, sample_interval: float = 0.25, pss_interval:
 
             result.extra["timed_utilisation"] = utilisation_summary(timed, end_times[-1] - end_times[0])
         result.extra["staleness"] = [h.get("staleness") for h in history]
+        result.extra["sync_bytes_per_step"] = statistics.fmean(h.get("sync/bytes", 0) for h in timed) if timed else None
         result.extra["loss"] = [h.get("loss") for h in history]
         result.extra["run_seconds"] = summary["seconds"]
     except Exception as exc:  # a failed configuration is reported, the others still run

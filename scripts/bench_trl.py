@@ -161,6 +161,12 @@ def lora_settings(r: int) -> dict:
     return {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
+def synced_mb(r: bc.Result) -> float | None:
+    """Mean MB of weights published per timed step (student to rollout + teacher weights)."""
+    value = r.extra.get("sync_bytes_per_step")
+    return None if value is None else value / 2**20
+
+
 def vllm_settings() -> dict:
     """``rollout.vllm`` of ``configs/quickstart_vllm.yaml`` (in-process engine, eager, a 512 MiB KV cache)."""
     import yaml
@@ -336,11 +342,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"{args.prompts} prompts/step, {args.max_new_tokens} new tokens, fp32; first step excluded)")
     for col in ("trainer", "torch threads", "timed steps", "mean step s", "trained tokens/step", "tokens/s",
                 "tokens/s vs TRL", "cores busy", "other procs cores", "load avg (timed)",
-                "peak RSS MB (TRL: the process; sdft-ray: sum over actors)", "peak PSS tree MB", "start-up s"):
+                "peak RSS MB (TRL: the process; sdft-ray: sum over actors)", "peak PSS tree MB",
+                "weights synced MB/step (between processes)", "start-up s"):
         table.add_column(col, justify="left" if col == "trainer" else "right")
     for r in results:
         if not r.ok:
-            table.add_row(r.name, "-", "-", f"[red]{r.error}", *["-"] * 9)
+            table.add_row(r.name, "-", "-", f"[red]{r.error}", *["-"] * 10)
             continue
         base = comparator(r)
         rel = r.tokens_per_s / base.tokens_per_s if base.ok and r is not base else None
@@ -348,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                       bc.fmt(r.tokens_per_s, ".1f"), bc.fmt(rel) + ("x" if rel is not None else ""),
                       bc.fmt(r.cores_busy), bc.fmt(r.other_cores), bc.fmt(r.load_mean, ".1f"),
                       bc.fmt(r.peak_rss_workers_mb, ".0f"), bc.fmt(r.peak_pss_total_mb, ".0f"),
+                      "0 (one process)" if r.name.startswith("trl") else bc.fmt(synced_mb(r), ".1f"),
                       bc.fmt(r.startup_s, ".1f"))
     con.print(table)
     con.print(bc.phase_table("mean seconds per timed step, by phase (sdft-ray: controller metrics; TRL: generation, "

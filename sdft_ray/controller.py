@@ -83,9 +83,10 @@ class Controller:
     def learners(self):
         return self.groups.learners
 
-    def sync_weights(self) -> None:
-        """After step ``self.step``: student to the rollout group, teacher weights to the teacher group."""
-        self.groups.sync(self.step)
+    def sync_weights(self) -> int:
+        """After step ``self.step``: student to the rollout group, teacher weights to the teacher
+        group; returns the bytes published."""
+        return self.groups.sync(self.step)
 
     # ---- one batch ---------------------------------------------------------------------------
     def make_shard(self, step: int, picks: list[tuple[int, int]]) -> PromptShard:
@@ -143,9 +144,10 @@ class Controller:
                 learned = self.train_on(batch)
                 self.step = batch.step
                 t_sync = time.perf_counter()
-                self.sync_weights()
+                sync_bytes = self.sync_weights()
                 t_end = time.perf_counter()
                 record = self._record(batch, stats, learned, queued, step_start, t_learn, t_sync, t_end)
+                record["sync/bytes"] = sync_bytes
                 if self.variant.uses_rollout and (warning := truncation.observe(self.step, record["rollout/finished_fraction"])):
                     log.warning(warning)
                 if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0 or (

@@ -175,16 +175,18 @@ class RunGroups:
         groups, the student's otherwise."""
         self.weight_sync.push(group, "teacher" if group.weights_kind == "ema" else "student", version)
 
-    def sync(self, step: int) -> None:
+    def sync(self, step: int) -> int:
         """After training step ``step``: the student to the rollout group every ``rollout.sync_every``
         steps, teacher weights to every teacher group that follows the learner every
-        ``teacher.sync_every`` steps."""
+        ``teacher.sync_every`` steps. Returns the bytes of weights published (0 in process)."""
+        pushed = []
         if self.rollout is not None and step % self.cfg.rollout.sync_every == 0:
-            self.push(self.rollout, step)
+            pushed.append(self.rollout)
         if step % self.cfg.teacher.sync_every == 0:
-            for group in self.teachers.values():
-                if group.weights_kind != "frozen":
-                    self.push(group, step)
+            pushed += [group for group in self.teachers.values() if group.weights_kind != "frozen"]
+        for group in pushed:
+            self.push(group, step)
+        return sum(group.weights.num_bytes for group in pushed if group.weights is not None)
 
     # ---- one batch ---------------------------------------------------------------------------
     def generate(self, shard: PromptShard, sampler_state: dict | None = None) -> Batch:

@@ -58,6 +58,27 @@ def test_colocated_run_equals_disaggregated_run(ray_local, tiny_model_dir, tiny_
     assert [h["rollout/policy_version_min"] for h in together] == [0, 1, 2]
     # the EMA teacher moved (rate 0.2): a loss that ignored it could not match on steps 2-3
     assert all(np.isfinite(h["loss"]) for h in together)
+    # bytes per weight sync: nothing crosses a process colocated; apart, the student goes to the
+    # rollout actor and (EMA) the teacher weights to the teacher actor, fp32, every step
+    expected = _published_bytes(tiny_model_dir, sections) * (1 if sections.get("teacher", {}).get("kind") else 2)
+    assert [h["sync/bytes"] for h in apart] == [expected] * 3
+    assert [h["sync/bytes"] for h in together] == [0] * 3
+
+
+def _published_bytes(model_dir, sections) -> int:
+    """fp32 bytes of what the learner publishes, counted with transformers / peft: every distinct
+    parameter (tied ones once), or with LoRA the adapters alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lora = sections.get("model", {}).get("lora")
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
+                                                 target_modules=lora["target_modules"]))
+        return 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * sum(p.numel() for p in model.parameters())
 
 
 def test_colocated_reserves_learner_bundles_only_and_holds_one_model(ray_local, tiny_model_dir, tiny_data, tmp_path):
