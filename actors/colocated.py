@@ -20,9 +20,12 @@ checkpoints and resume are those of the disaggregated mode.
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from actors.learner import LearnerWorker, teacher_signal_kind
@@ -37,6 +40,19 @@ from sdft_ray.roles import on_ranks
 from sdft_ray.weights import IN_PROCESS, WeightHandle, get_transport, load_named_tensors
 
 ROLES = ("rollout", "teacher")
+
+
+@contextlib.contextmanager
+def keep_random_state(device: torch.device) -> Iterator[None]:
+    """Leave Python's, NumPy's and torch's random streams (the CPU's and ``device``'s) as they were
+    before the block: what the learner draws next does not depend on what the block seeded."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
 
 
 def alias_parameters(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> set[str]:
@@ -73,8 +89,9 @@ class ColocatedWorker(LearnerWorker):
         if cfg.rollout.engine == "hf":  # the live student: nothing to hand over
             engine = HFEngine.on_module(self.engine.module, self.tokenizer, cfg.rollout.batch_size)
         else:  # an engine with weights of its own, loaded in process from the learner's
-            engine = make_engine(cfg.rollout.engine, self.model_folder, cfg.model.dtype, cfg.model.trust_remote_code,
-                                 cfg.rollout.batch_size, cfg.rollout.vllm)
+            with keep_random_state(self.device):  # vLLM seeds random/numpy/torch at start-up
+                engine = make_engine(cfg.rollout.engine, self.model_folder, cfg.model.dtype,
+                                     cfg.model.trust_remote_code, cfg.rollout.batch_size, cfg.rollout.vllm)
         self.rollout = RolloutWorker.in_process(self.rank, engine)
         teacher_tokenizer = self.tokenizer if self.teacher_folder == self.model_folder else load_tokenizer(
             self.teacher_folder, cfg.model.trust_remote_code)

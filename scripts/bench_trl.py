@@ -197,10 +197,13 @@ def run_trl(args: argparse.Namespace, model_folder: Path, teacher_template: str,
                        settings={"threads": args.threads, "prompts_per_step": args.prompts,
                                  "max_new_tokens": args.max_new_tokens, "dtype": args.dtype})
     python = args.trl_python or sys.executable
-    check = subprocess.run([python, "-c", "from trl.experimental.sdft import SDFTTrainer"], capture_output=True,
-                           text=True)
-    if check.returncode != 0:
-        why = (check.stderr.strip().splitlines() or ["no output"])[-1]
+    try:
+        check = subprocess.run([python, "-c", "from trl.experimental.sdft import SDFTTrainer"], capture_output=True,
+                               text=True)
+        why = None if check.returncode == 0 else (check.stderr.strip().splitlines() or ["no output"])[-1]
+    except OSError as exc:  # --trl-python is not an interpreter
+        why = f"{type(exc).__name__}: {exc}"
+    if why is not None:
         result.error = f"TRL cannot be imported by {python} ({why}); pip install --no-deps trl==1.16.0"
         result.loadavg_end = bc.loadavg()
         return result

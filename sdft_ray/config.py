@@ -353,12 +353,8 @@ class RunConfig(_Section):
             raise ValueError("placement.mode 'colocated' scores with the EMA teacher's module in the learner's "
                              "process (teacher.engine 'hf'); teacher.engine 'vllm' needs placement.mode "
                              "'disaggregated'")
-        if self.rollout.engine == "vllm" and self.placement.learner.num_gpus > 0 \
-                and self.rollout.vllm.get("sleep_level", 0) != 1:
-            raise ValueError("placement.mode 'colocated' with rollout.engine 'vllm' on GPUs: the engine shares the "
-                             "learner's device, so it must sleep while the learner trains: set "
-                             "rollout.vllm.sleep_level: 1 (and rollout.vllm.gpu_memory_utilization to the share "
-                             "of the device it may take while awake)")
+        if self.rollout.engine == "vllm":
+            self._check_colocated_vllm()
         if self.rollout.engine == "vllm" and self.model.lora is not None:
             raise ValueError("placement.mode 'colocated' with rollout.engine 'vllm' and model.lora: the vLLM engine "
                              "does not load sdft-ray's adapters yet (use rollout.engine 'hf')")
@@ -373,6 +369,28 @@ class RunConfig(_Section):
         if self.learner.zero_stage == 3:
             raise ValueError("placement.mode 'colocated' generates with the learner's module, which ZeRO-3 "
                              "partitions: use learner.zero_stage 0, 1 or 2")
+
+    def _check_colocated_vllm(self) -> None:
+        """A vLLM rollout engine inside the learner's actor (placement.mode 'colocated')."""
+        engine = self.rollout.vllm
+        if self.learner.num_workers > 1:
+            raise ValueError("placement.mode 'colocated' with rollout.engine 'vllm' is tested with one learner rank "
+                             f"only; learner.num_workers = {self.learner.num_workers} (each rank's engine would "
+                             "join the learners' process group): use rollout.engine 'hf' or placement.mode "
+                             "'disaggregated'")
+        if engine.get("tensor_parallel_size", 1) != 1 or not engine.get("in_process", True):
+            raise ValueError("placement.mode 'colocated' with rollout.engine 'vllm' runs the engine in the learner's "
+                             "process on the learner's device: rollout.vllm.tensor_parallel_size must be 1 and "
+                             "rollout.vllm.in_process true")
+        if self.placement.learner.num_gpus > 0:
+            if engine.get("sleep_level", 0) != 1:
+                raise ValueError("placement.mode 'colocated' with rollout.engine 'vllm' on GPUs: the engine shares "
+                                 "the learner's device, so it must sleep while the learner trains: set "
+                                 "rollout.vllm.sleep_level: 1")
+            if "gpu_memory_utilization" not in engine:
+                raise ValueError("placement.mode 'colocated' with rollout.engine 'vllm' on GPUs: set "
+                                 "rollout.vllm.gpu_memory_utilization to the share of the device the engine may "
+                                 "take while awake (vLLM's default 0.9 leaves nothing for the learner)")
 
     def _check_vllm_limits(self) -> None:
         """What a vLLM engine would refuse mid-run: top-k above its ``max_logprobs``, sequences

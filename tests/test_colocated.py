@@ -130,6 +130,12 @@ def test_colocated_stop_resume_is_exact_and_switches_mode(ray_local, tiny_model_
     ({"teacher": {"engine": "vllm"}}, "teacher.engine"),
     ({"rollout": {"engine": "vllm", "vllm": {"max_model_len": 2048}},
       "placement": {"mode": "colocated", "learner": {"num_gpus": 1}}}, "rollout.vllm.sleep_level"),
+    ({"rollout": {"engine": "vllm", "vllm": {"max_model_len": 2048, "sleep_level": 1}},
+      "placement": {"mode": "colocated", "learner": {"num_gpus": 1}}}, "rollout.vllm.gpu_memory_utilization"),
+    ({"rollout": {"engine": "vllm", "num_workers": 2, "vllm": {"max_model_len": 2048}}, "learner": {"num_workers": 2},
+      "teacher": {"num_workers": 2}}, "learner.num_workers"),
+    ({"rollout": {"engine": "vllm", "vllm": {"max_model_len": 2048, "in_process": False}}},
+      "rollout.vllm.in_process"),
     ({"rollout": {"sync_every": 2}}, "rollout.sync_every"),
     ({"learner": {"zero_stage": 3}}, "learner.zero_stage"),
     ({"rollout": {"num_workers": 2}}, "rollout.num_workers"),
@@ -171,3 +177,19 @@ def test_generation_on_a_live_module_keeps_its_mode_and_the_rng(tiny_model_dir):
     reference = HFEngine(str(tiny_model_dir), batch_size=2).generate([[5, 6, 7], [8, 9]], spec)
     assert [g.token_ids.tolist() for g in first] == [g.token_ids.tolist() for g in reference]
     assert any(not np.allclose(a.logprobs, b.logprobs) for a, b in zip(zeroed, first))
+
+
+def test_engine_start_up_does_not_reseed_the_learner():
+    """vLLM seeds random, NumPy and torch when it starts; in the learner's process that would
+    change the learner's next draws. keep_random_state leaves all three streams as they were."""
+    import random
+
+    from actors.colocated import keep_random_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    with keep_random_state(torch.device("cpu")):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)  # what an engine's start-up does
+        random.random(), np.random.rand(), torch.rand(4)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected

@@ -38,6 +38,10 @@ def test_span_refuses_an_answer_not_in_the_text(tiny):
     _, tok = tiny
     with pytest.raises(ValueError, match="'186' does not occur in 'The founding year of Daeldorin is 1814.'"):
         answer_token_span(tok, "The founding year of Daeldorin is 1814.", "186")
+    with pytest.raises(ValueError, match="'Rome' does not occur in 'Romeo was here.' \\(as a whole word\\)"):
+        answer_token_span(tok, "Romeo was here.", "Rome")
+    ids, (first, end) = answer_token_span(tok, "Romeo left Rome.", "Rome")
+    assert tok.decode(ids[first:end]).strip() == "Rome" and tok.decode(ids[end:]) == "."
 
 
 def _chat(tok, question):
@@ -122,3 +126,28 @@ def test_summary_trained_minus_control_and_facts_as_units():
     # A: (+4, +5) -> 4.5; B: (+2, +3) -> 2.5; mean 3.5
     assert pooled["trained_logprob_delta"] == pytest.approx(3.5)
     assert by[("base", "all")]["logprob_trained_minus_control"] == 0.0
+
+
+def test_cached_scores_follow_new_weights_at_the_same_path(tiny, tmp_path):
+    """A study rerun retrains a changed run into the same folder: the cache must not answer for
+    the old weights (it is keyed by the weights files, not only the folder's path)."""
+    from pathlib import Path
+
+    from sdft_ray.study.fact_likelihood import _scores
+
+    model, tok = tiny
+    folder = tmp_path / "student"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ids, span = answer_token_span(tok, "The capital of Zorbia is Quelmarsh.", "Quelmarsh")
+    probes = [FactProbe(_chat(tok, "What is the capital of Zorbia?"), tuple(ids), span)]
+    cache = Path(tmp_path / "cache.json")
+    first = _scores(str(folder), probes, cache, "float32", 4)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.add_(0.5)
+    changed.save_pretrained(folder)  # the retrained run, same path
+    second = _scores(str(folder), probes, cache, "float32", 4)
+    expected = answer_token_logprobs(changed, probes, tok.pad_token_id)
+    assert second[0] == pytest.approx(expected[0], abs=1e-5) and second[0] != pytest.approx(first[0], abs=1e-3)

@@ -148,7 +148,8 @@ def test_an_arm_can_train_longer_and_is_held_to_the_samples_floor():
 
     assert epochs("short") == spec.facts.epochs and epochs("long") == 40.0
     floor = {**tree["facts"], "epochs": 1, "min_samples_per_fact": 4}
-    with pytest.raises(ConfigError, match=r"arms\[short\]: facts.epochs x rollout.num_samples = 1"):
+    with pytest.raises(ConfigError,
+                       match=r"arms\[short\]: epochs \(the arm's, else facts.epochs\) x rollout.num_samples = 1"):
         study_from_dict({**tree, "facts": floor}, "quick.yaml")
     ok = {**tree, "facts": floor, "arms": [{"name": "long", "variant": "sdft", "lrs": [1e-3], "epochs": 4}]}
     assert study_from_dict(ok, "quick.yaml").arm_epochs(study_from_dict(ok, "quick.yaml").arms[0]) == 4

@@ -11,6 +11,7 @@ learning the demonstrations' phrasing, which lowers both.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,13 +33,15 @@ class FactProbe:
 
 def answer_token_span(tokenizer: Any, text: str, answer: str) -> tuple[list[int], tuple[int, int]]:
     """Token ids of ``text`` (no special tokens) and the ``[first, end)`` token positions that
-    cover ``answer``'s last occurrence in it (every token overlapping its characters).
+    cover ``answer``'s last occurrence in it as a whole word (every token overlapping its
+    characters; "Rome" is not found inside "Romeo").
 
     Needs a fast tokenizer (character offsets). Raises ``ValueError`` naming the answer and the
     text when the answer is not in the text."""
-    start = text.rfind(answer) if answer else -1
-    if start < 0:
-        raise ValueError(f"answer {answer!r} does not occur in {text!r}")
+    found = list(re.finditer(rf"(?<!\w){re.escape(answer)}(?!\w)", text)) if answer else []
+    if not found:
+        raise ValueError(f"answer {answer!r} does not occur in {text!r} (as a whole word)")
+    start = found[-1].start()
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("answer_token_span needs a fast tokenizer (character offsets)")
     end = start + len(answer)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdft_ray.study.profiles import KeptModel, kept_models
+from sdft_ray.study.profiles import KeptModel, kept_models, weights_stamp
 from sdft_ray.study.spec import StudySpec
 
 FACT_CSV = "fact_logprob.csv"
@@ -72,7 +72,7 @@ def _scores(folder: str, probes: Sequence[Any], cache: Path, dtype: str, batch_s
     from sdft_ray.evaluation.runner import resolve_checkpoint
     from sdft_ray.models import load_causal_lm, load_tokenizer
 
-    key = {"model": str(folder), "dtype": dtype,
+    key = {"model": str(folder), "weights": weights_stamp(folder), "dtype": dtype,
            "probes": hashlib.sha256(json.dumps([list(map(list, (p.prompt_ids, p.response_ids, p.span)))
                                                 for p in probes]).encode()).hexdigest()[:16]}
     if cache.is_file():

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.study.run import lr_tag
 from sdft_ray.study.spec import SFT_VARIANT, StudySpec
 
@@ -41,6 +42,16 @@ class KeptModel:
     folder: str | None
     arm: Any
     run: str
+
+
+def weights_stamp(folder: str | os.PathLike[str]) -> list[list[Any]]:
+    """Name, size and modification time of every weights file in a model folder: a cache keyed by
+    the folder's path alone would outlive a retrain that writes new weights to the same path."""
+    from sdft_ray.evaluation.runner import resolve_checkpoint
+
+    path = Path(resolve_checkpoint(folder))
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir())
+            if f.suffix in (".safetensors", ".bin")]
 
 
 def kept_models(spec: StudySpec, work: Path) -> list[KeptModel]:
@@ -94,11 +105,16 @@ def divergence_profiles(spec: StudySpec, work: str | os.PathLike[str], out: str 
     for kept in kept_models(spec, work):
         label, folder, arm = kept.label, kept.folder, kept.arm
         path = work / "profiles" / ("".join(ch if ch.isalnum() else "_" for ch in label) + ".json")
-        if not path.is_file():
+        stamp_file = path.with_suffix(".weights.json")  # which weights the profile was measured on
+        stamp = json.dumps(weights_stamp(folder or base))
+        if path.is_file() and not stamp_file.is_file():  # a profile from before stamps: its weights are these
+            atomic_write_text(stamp_file, stamp)
+        if not path.is_file() or stamp_file.read_text(encoding="utf-8") != stamp:
             echo(f"[study] divergence profile: {label}")
             cfg = _probe_config(spec, arm, work, template)
             run_probe(cfg, num_examples=spec.facts.n_train, model_folder=folder, teacher_folder=base, out=path,
                       echo=lambda s: None)
+            atomic_write_text(stamp_file, stamp)
         rows += _profile_rows(label, json.loads(path.read_text(encoding="utf-8")))
     _write(out, PROFILE_CSV.removesuffix(".csv"), rows, ("model", "position", "rows", "divergence", "shift"))
     return {"profiles_csv": out / PROFILE_CSV, "profiles_png": plot_profiles(rows, out / PROFILE_PNG)}

@@ -160,9 +160,9 @@ class StudySpec(_Section):
             if arm.variant != SFT_VARIANT:
                 samples = self.arm_epochs(arm) * cfg.rollout.num_samples
                 if samples < self.facts.min_samples_per_fact:
-                    raise ValueError(f"arms[{arm.name}]: facts.epochs x rollout.num_samples = {samples:g} on-policy "
-                                     f"samples per fact, under facts.min_samples_per_fact = "
-                                     f"{self.facts.min_samples_per_fact}")
+                    raise ValueError(f"arms[{arm.name}]: epochs (the arm's, else facts.epochs) x "
+                                     f"rollout.num_samples = {samples:g} on-policy samples per fact, under "
+                                     f"facts.min_samples_per_fact = {self.facts.min_samples_per_fact}")
             if self.curriculum is not None:
                 self.run_config(arm, arm.lrs[0], self.seeds[0], model_path=self.model, data_path=self.curriculum.train,
                                 out_dir="runs/study-check", template=next(iter(self.teacher_check.templates.values())),
