@@ -4,9 +4,10 @@ The learner (:class:`~actors.learner.LearnerWorker`) trains the student; the rol
 with that same live module (no weights move) or, with ``rollout.engine: vllm``, with a vLLM engine
 in the same process that is handed the learner's weights in process after every step (on GPUs it
 sleeps - weights offloaded, KV cache freed - while the learner trains: ``rollout.vllm.sleep_level:
-1``); the teacher role scores with a module of its own in the same process: the EMA teacher, the base model (``frozen``), another model (variant ``opd``)
-or the live student itself (``live``). Where they can, the teacher module's parameters *are*
-tensors the learner keeps anyway (no second copy):
+1``); the teacher role scores with a module of its own in the same process: the EMA teacher, the
+base model (``frozen``), another model (variant ``opd``) or the live student itself (``live``).
+Where they can, the teacher module's parameters *are* tensors the learner keeps anyway (no second
+copy):
 
 * the EMA teacher followed every step (``teacher.sync_every: 1``) in fp32 on the EMA's device:
   its parameters are the EMA's own tensors;

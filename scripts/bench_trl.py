@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -183,10 +184,9 @@ def trl_phase_means(end_times: list[float], rollout_s: list[float], teacher_s: l
     if not steps or len(rollout_s) < len(end_times):
         return {}
     timed = range(1, len(end_times))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    out = {"time/step": mean(steps), "time/rollout_busy": mean([rollout_s[i] for i in timed])}
+    out = {"time/step": statistics.fmean(steps), "time/rollout_busy": statistics.fmean(rollout_s[i] for i in timed)}
     if teacher_s is not None and len(teacher_s) >= len(end_times):
-        out["time/teacher_busy"] = mean([teacher_s[i] for i in timed])
+        out["time/teacher_busy"] = statistics.fmean(teacher_s[i] for i in timed)
     out["time/learner_busy"] = out["time/step"] - out["time/rollout_busy"] - out.get("time/teacher_busy", 0.0)
     return out
 

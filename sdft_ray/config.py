@@ -355,9 +355,6 @@ class RunConfig(_Section):
                              "'disaggregated'")
         if self.rollout.engine == "vllm":
             self._check_colocated_vllm()
-        if self.rollout.engine == "vllm" and self.model.lora is not None:
-            raise ValueError("placement.mode 'colocated' with rollout.engine 'vllm' and model.lora: the vLLM engine "
-                             "does not load sdft-ray's adapters yet (use rollout.engine 'hf')")
         for role in ("rollout", "teacher"):
             if getattr(self, role).num_workers != self.learner.num_workers:
                 raise ValueError(f"placement.mode 'colocated': every learner rank is also a {role} worker, so "
