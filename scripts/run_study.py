@@ -3,6 +3,9 @@
     # the study of docs/study.md (SmolLM2-135M-Instruct on CPU; configs/study/smollm2.yaml)
     .venv/bin/python scripts/run_study.py --out results/study --work runs/study
 
+    # one table, verdict and frontier over finished studies' output folders (e.g. a later seed)
+    .venv/bin/python scripts/run_study.py --combine results/levers results/levers_seeds --out results/levers_all
+
     # smoke run (tests/test_study.py): tiny random Llama + test tokenizer, 3 + 3 facts, seconds per run
     .venv/bin/python scripts/run_study.py --quick --out /tmp/study-quick/out --work /tmp/study-quick
 
@@ -54,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--profiles-only", action="store_true",
                     help="only (re)compute the diagnostics of a finished --work: the divergence-by-position "
                          "profiles and the facts' log-likelihoods")
+    ap.add_argument("--combine", nargs="+", metavar="OUT_DIR",
+                    help="combine the phase-1 runs of finished studies' output folders (e.g. another seed run "
+                         "later) into one table, verdict and frontier in --out; nothing is trained")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a study field (dotted, YAML value); repeatable")
     return ap
@@ -74,6 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     from sdft_ray.study import run_study, study_from_dict
     from sdft_ray.study.spec import study_tree
 
+    if args.combine:
+        from sdft_ray.study.combine import combine_results
+
+        if not args.out:
+            print("error: --combine needs --out", file=sys.stderr)
+            return 2
+        try:
+            paths = combine_results(args.combine, args.out)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for name, path in paths.items():
+            print(f"  {name}: {path}")
+        print(paths["summary"].read_text(encoding="utf-8"))
+        return 0
     config = Path(args.config) if args.config else (QUICK_CONFIG if args.quick else DEFAULT_CONFIG)
     work = Path(args.work or (REPO / "runs" / ("study-quick" if args.quick else "study")))
     out = Path(args.out or (work / "out" if args.quick else REPO / "results" / "study"))

@@ -418,3 +418,79 @@ def test_a_finished_run_saved_by_an_older_schema_is_still_the_same_run():
     tree["learner"]["lr"] = 0.02
     assert not same_run_config(yaml.safe_dump(tree), cfg)
     assert not same_run_config("learner: {lrr: 1}", cfg) and not same_run_config(None, cfg)
+
+
+# ---- combining study output folders -----------------------------------------------------------
+
+
+def _study_folder(folder, runs, base_correct=(0, 0, 0), passed=True):
+    """A study output folder written by hand: ``runs`` maps (arm, variant, lr, seed) to
+    (strict outcomes of the 3 trained questions, per-prompt prior KL of 2 prompts)."""
+    from sdft_ray.study.run import write_jsonl
+
+    def tags(run, phase, arm=None, variant=None, lr=None, seed=None):
+        return {"run": run, "phase": phase, "arm": arm, "variant": variant, "lr": lr, "seed": seed}
+
+    models = [(tags("base", "base"), base_correct, (0.0, 0.0))]
+    models += [(tags(f"p1/{a}/lr{lr:g}/s{s}", "phase1", a, v, lr, s), correct, kl)
+               for (a, v, lr, s), (correct, kl) in runs.items()]
+    results, questions, prior_kl, run_rows = [], [], [], []
+    for t, correct, kl in models:
+        results.append({**t, "task": "facts_trained", "kind": "strict", "score": sum(correct) / 3,
+                        "finished_fraction": 1.0, "mean_response_tokens": 10.0})
+        questions += [{**t, "task": "facts_trained", "kind": "strict", "index": i, "score": float(c),
+                       "finished": True, "tokens": 5, "response": f"{t['run']} answer {i}"
+                       if t["phase"] != "base" else f"base answer {i}"} for i, c in enumerate(correct)]
+        prior_kl += [{**t, "index": i, "kind": "x", "tokens": 4, "kl": v, "nll": 1.0} for i, v in enumerate(kl)]
+        if t["phase"] == "phase1":
+            run_rows.append({**t, "steps": 12, "train_s": 1.0})
+    for name, rows in (("results", results), ("questions", questions), ("prior_kl", prior_kl), ("runs", run_rows)):
+        write_jsonl(folder / f"{name}.jsonl", rows)
+    (folder / "gate.json").write_text(json.dumps({"passed": passed}))
+    return folder
+
+
+def test_combine_pools_seeds_across_folders_and_applies_the_rule(tmp_path):
+    from sdft_ray.study.combine import combine_results
+
+    first = _study_folder(tmp_path / "a", {("sft", "sft", 1e-4, 0): ((1, 1, 0), (0.5, 0.7)),
+                                           ("sdft", "sdft", 2e-4, 0): ((1, 0, 0), (0.1, 0.3))})
+    second = _study_folder(tmp_path / "b", {("sdft", "sdft", 2e-4, 1): ((1, 1, 1), (0.3, 0.1)),
+                                            ("sft", "sft", 1e-4, 1): ((1, 1, 1), (0.7, 0.9))})
+    paths = combine_results([first, second], tmp_path / "out")
+    settings = {r["setting"]: r for r in _rows(paths["settings"].with_suffix(".jsonl"))}
+    # by hand: SFT pools (1,1,0)+(1,1,1) = 5/6, KL per prompt (0.6, 0.8) -> 0.7; SDFT (1,0,0)+(1,1,1) = 4/6,
+    # KL (0.2, 0.2) -> 0.2
+    assert settings["sft lr=0.0001"]["strict_correct"] == 5 and settings["sft lr=0.0001"]["seeds"] == [0, 1]
+    assert settings["sft lr=0.0001"]["prior_kl"] == pytest.approx(0.7)
+    assert settings["sdft lr=0.0002"]["strict_correct"] == 4 and settings["sdft lr=0.0002"]["strict_n"] == 6
+    assert settings["sdft lr=0.0002"]["prior_kl"] == pytest.approx(0.2)
+    # SFT learns more at a higher KL: SDFT is not dominated
+    verdict = json.loads(paths["verdict"].read_text())
+    (check,) = verdict["checks"]
+    assert check["dominated_by"] == [] and check["comparator"] == "sft lr=0.0001"
+    runs = _rows(paths["runs"].with_suffix(".jsonl"))
+    assert [(r["arm"], r["seed"], r["source"]) for r in runs] == [
+        ("sft", 0, str(first)), ("sft", 1, str(second)), ("sdft", 0, str(first)), ("sdft", 1, str(second))]
+    assert paths["frontier"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same SFT runs at a KL below SDFT's dominate it
+    low = _study_folder(tmp_path / "c", {("sft", "sft", 1e-4, 1): ((1, 1, 1), (0.0, 0.0))})
+    solo = _study_folder(tmp_path / "d", {("sft", "sft", 1e-4, 0): ((1, 1, 0), (0.1, 0.1)),
+                                          ("sdft", "sdft", 2e-4, 0): ((1, 0, 0), (0.1, 0.3))})
+    (check,) = json.loads(combine_results([solo, low], tmp_path / "out2")["verdict"].read_text())["checks"]
+    assert check["dominated_by"] == ["sft lr=0.0001"]
+
+
+def test_combine_refuses_other_base_models_and_repeated_runs(tmp_path):
+    from sdft_ray.errors import ConfigError
+    from sdft_ray.study.combine import combine_results
+
+    runs = {("sft", "sft", 1e-4, 0): ((1, 1, 0), (0.5, 0.7))}
+    a = _study_folder(tmp_path / "a", runs)
+    other = _study_folder(tmp_path / "b", {("sft", "sft", 1e-4, 1): ((1, 1, 0), (0.5, 0.7))}, base_correct=(1, 0, 0))
+    with pytest.raises(ConfigError, match="base model's trained-fact answers"):
+        combine_results([a, other], tmp_path / "out")
+    with pytest.raises(ConfigError, match="is in both"):
+        combine_results([a, _study_folder(tmp_path / "c", runs)], tmp_path / "out")
+    with pytest.raises(ConfigError, match="no results.jsonl"):
+        combine_results([a, tmp_path], tmp_path / "out")

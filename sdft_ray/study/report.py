@@ -29,7 +29,7 @@ import numpy as np
 
 from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.evaluation.stats import mcnemar_exact, mean_interval, wilcoxon_paired, wilson_interval
-from sdft_ray.study.verdict import INCONCLUSIVE, NOT_APPLICABLE, Verdict, decide
+from sdft_ray.study.verdict import INCONCLUSIVE, NOT_APPLICABLE, Setting, Verdict, decide
 
 if TYPE_CHECKING:
     from sdft_ray.study.run import ModelRecord, StudyRunner
@@ -108,9 +108,9 @@ def headline(record: ModelRecord, base: ModelRecord) -> dict[str, Any]:
 # ---- settings (arm x lr over seeds) and paired tests ----------------------------------------------
 
 
-def _setting_runs(runner: StudyRunner) -> dict[tuple[str, float], list[ModelRecord]]:
+def _setting_runs(records: Sequence[ModelRecord]) -> dict[tuple[str, float], list[ModelRecord]]:
     groups: dict[tuple[str, float], list[ModelRecord]] = {}
-    for r in runner.records:
+    for r in records:
         if r.phase == "phase1":
             groups.setdefault((r.arm, r.lr), []).append(r)
     return {k: sorted(v, key=lambda r: r.seed) for k, v in groups.items()}
@@ -129,14 +129,23 @@ def _test_row(comparison: str, a: str, b: str, measure: str, test: Any, mean_a: 
             "mean_b": mean_b}
 
 
+def settings_of(records: Sequence[ModelRecord], base: ModelRecord) -> list[Setting]:
+    """Every phase-1 (arm, lr) over its seeds, in the order of ``records``, for the decision
+    rules: strict outcomes pooled seed-major, paired with the base model's; per-prompt prior KL
+    averaged over the seeds."""
+    return [Setting(arm, runs[0].variant, lr, tuple(_pooled(runs, FACTS_TRAINED, "strict")),
+                    tuple(_pooled([base] * len(runs), FACTS_TRAINED, "strict")), tuple(_mean_kl(runs)))
+            for (arm, lr), runs in _setting_runs(records).items()]
+
+
 ACCURACY_MEASURES = ((FACTS_TRAINED, "strict"), (FACTS_TRAINED, "all"), (FACTS_CONTROL, "all"), ("prior", "all"))
 
 
-def paired_tests(runner: StudyRunner) -> list[dict[str, Any]]:
+def paired_tests(records: Sequence[ModelRecord], base: ModelRecord,
+                 chains: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """Exact McNemar tests on accuracy (pooled over seeds, paired by seed and question) and
     Wilcoxon signed-rank tests on per-prompt prior KL (mean over seeds)."""
-    base = runner.base
-    groups = _setting_runs(runner)
+    groups = _setting_runs(records)
     name = {k: f"{k[0]} lr={k[1]:g}" for k in groups}
     rows = []
     for key, runs in groups.items():
@@ -159,15 +168,15 @@ def paired_tests(runner: StudyRunner) -> list[dict[str, Any]]:
             a, b = _mean_kl(sft_runs), _mean_kl(sdft_runs)
             rows.append(_test_row("SFT vs SDFT", name[s_key], name[d_key], "prior KL(base||model) per prompt",
                                   wilcoxon_paired(a, b), float(np.mean(a)), float(np.mean(b))))
-    after = {c["variant"]: _record(runner, c["after"]) for c in runner.chains}
-    for c in runner.chains:
+    after = {c["variant"]: _record(records, c["after"]) for c in chains}
+    for c in chains:
         model = after[c["variant"]]
         for task in ("tool_calls", "prior"):
             a, b = base.all_outcomes(task), model.all_outcomes(task)
             if a and len(a) == len(b):
                 rows.append(_test_row("curriculum: base vs after", "base", model.run, f"{task}/all accuracy",
                                       mcnemar_exact(a, b), float(np.mean(a)), float(np.mean(b))))
-        start = _record(runner, c["start"])
+        start = _record(records, c["start"])
         a, b = start.outcomes(FACTS_TRAINED, "strict"), model.outcomes(FACTS_TRAINED, "strict")
         rows.append(_test_row("curriculum: before vs after", start.run, model.run, f"{FACTS_TRAINED}/strict accuracy",
                               mcnemar_exact(a, b), float(np.mean(a)), float(np.mean(b))))
@@ -183,8 +192,8 @@ def paired_tests(runner: StudyRunner) -> list[dict[str, Any]]:
     return rows
 
 
-def _record(runner: StudyRunner, run: str) -> ModelRecord:
-    return next(r for r in runner.records if r.run == run)
+def _record(records: Sequence[ModelRecord], run: str) -> ModelRecord:
+    return next(r for r in records if r.run == run)
 
 
 def verdict(runner: StudyRunner) -> Verdict:
@@ -218,7 +227,7 @@ def write_tables(runner: StudyRunner, out: Path) -> None:
     gate = runner.spec.teacher_check.gate
     phase0 = []
     for g in runner.gate:
-        rec = _record(runner, f"phase0/{g.label}")
+        rec = _record(runner.records, f"phase0/{g.label}")
         for kind in ("strict", "paraphrase", "ood", "all"):
             phase0.append(_phase0_row("teacher", g.label, rec, kind, g.passes))
     student = next((r for r in records if r.run == "phase0/student"), None)
@@ -247,14 +256,16 @@ def _phase0_row(role: str, template: str, record: ModelRecord, kind: str, passes
 def write_report(runner: StudyRunner, out: Path) -> dict[str, Path]:
     """Tests, verdict, summary and plots (after the last run)."""
     write_tables(runner, out)
-    tests = paired_tests(runner) if hasattr(runner, "base") else []
+    tests = paired_tests(runner.records, runner.base, runner.chains) if hasattr(runner, "base") else []
     _write(out, "tests", tests, ("comparison", "a", "b", "measure", "test", "n", "a_only", "b_only", "p_value"))
     result = verdict(runner)
     atomic_write_text(out / "verdict.json", json.dumps(result.as_dict(), indent=1, default=str))
     paths = {name: out / f"{name}.csv" for name in ("results", "questions", "prior_kl", "runs", "phase0", "tests")}
     paths["verdict"] = out / "verdict.json"
     if any(r.phase == "phase1" for r in runner.records):
-        paths["frontier"] = plot_frontier(runner, out / "frontier.png")
+        paths["frontier"] = plot_frontier(runner.records, runner.base, out / "frontier.png",
+                                          f"{runner.spec.model}: learning vs forgetting, one point per run (seeds "
+                                          f"{runner.spec.seeds}); bars: 95 % intervals")
     if runner.chains:
         paths["curriculum"] = plot_curriculum(runner, out / "curriculum.png")
     paths["summary"] = write_summary(runner, tests, result, out / "summary.md")
@@ -284,36 +295,37 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_frontier(runner: StudyRunner, path: Path) -> Path:
+def plot_frontier(records: Sequence[ModelRecord], base: ModelRecord, path: Path, title: str) -> Path:
     """x = mean prior KL(base || model) (95 % t interval over prompts), y = trained-facts strict
     accuracy (95 % Wilson); one point per phase-1 run (every seed), one colour per arm, one
-    marker per learning rate of the arm; the base model at (0, its accuracy)."""
+    marker per learning rate of the arm (arms and rates in the order of ``records``); the base
+    model at (0, its accuracy)."""
     plt = _plt()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
-    base_acc = _accuracy(runner.base, FACTS_TRAINED, "strict")
+    base_acc = _accuracy(base, FACTS_TRAINED, "strict")
     ax.scatter([0.0], [base_acc], marker="*", s=240, color="black", label="base model", zorder=4)
-    for a, arm in enumerate(runner.spec.arms):
-        for m, lr in enumerate(arm.lrs):
-            runs = [r for r in runner.records if r.phase == "phase1" and r.arm == arm.name and r.lr == lr]
-            for i, r in enumerate(runs):
-                k, n = _correct(r, FACTS_TRAINED, "strict")
-                low, high = wilson_interval(k, n)
-                kl = mean_interval(r.kl_values())
-                y = k / n
-                ax.errorbar([kl.mean], [y], xerr=[[kl.mean - kl.low], [kl.high - kl.mean]] if n and not math.isnan(kl.low)
-                            else None, yerr=[[y - low], [high - y]], fmt=markers[m % len(markers)],
-                            color=colors[a % len(colors)], ecolor=colors[a % len(colors)], alpha=0.85, capsize=2,
-                            markersize=7, label=f"{arm.name} lr={lr:g}" if i == 0 else None)
+    arms = list(dict.fromkeys(arm for arm, _ in _setting_runs(records)))
+    for (arm, lr), runs in _setting_runs(records).items():
+        a = arms.index(arm)
+        m = [l for (name, l) in _setting_runs(records) if name == arm].index(lr)
+        for i, r in enumerate(runs):
+            k, n = _correct(r, FACTS_TRAINED, "strict")
+            low, high = wilson_interval(k, n)
+            kl = mean_interval(r.kl_values())
+            y = k / n
+            ax.errorbar([kl.mean], [y], xerr=[[kl.mean - kl.low], [kl.high - kl.mean]] if n and not math.isnan(kl.low)
+                        else None, yerr=[[y - low], [high - y]], fmt=markers[m % len(markers)],
+                        color=colors[a % len(colors)], ecolor=colors[a % len(colors)], alpha=0.85, capsize=2,
+                        markersize=7, label=f"{arm} lr={lr:g}" if i == 0 else None)
     ax.set_xlabel("prior-prompt KL(base || model), nats per token (teacher-forced on the base model's answers)")
     ax.set_ylabel("trained facts: strict accuracy")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlim(left=-0.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title(f"{runner.spec.model}: learning vs forgetting, one point per run (seeds {runner.spec.seeds}); "
-                 "bars: 95 % intervals", fontsize=8)
+    ax.set_title(title, fontsize=8)
     return save_figure(fig, path)
 
 
@@ -329,7 +341,7 @@ def plot_curriculum(runner: StudyRunner, path: Path) -> Path:
     measures = ((FACTS_TRAINED, "strict", "trained facts (strict)"), ("tool_calls", "all", "tool calls"),
                 ("prior", "all", "prior questions"))
     for v, chain in enumerate(runner.chains):
-        start, before, after = (_record(runner, chain[k]) for k in ("start", "before", "after"))
+        start, before, after = (_record(runner.records, chain[k]) for k in ("start", "before", "after"))
         stages = [runner.base, start, after]
         for t, (task, kind, label) in enumerate(measures):
             ys = []
@@ -338,7 +350,7 @@ def plot_curriculum(runner: StudyRunner, path: Path) -> Path:
                 ys.append(_accuracy(source, task, kind))
             acc_ax.plot(range(3), ys, linestyle=styles[v % len(styles)], marker="o", color=colors[t % len(colors)],
                         label=f"{label} ({chain['variant']})")
-        teacher = _record(runner, chain["teacher"])
+        teacher = _record(runner.records, chain["teacher"])
         acc_ax.scatter([1], [_accuracy(teacher, "tools_teacher", "all")], marker="x", s=80,
                        color=colors[1 % len(colors)], label=f"tool-call teacher, phase-1 weights ({chain['variant']})")
         kls = [0.0, float(np.mean(start.kl_values())), float(np.mean(after.kl_values()))]
@@ -407,7 +419,8 @@ def write_summary(runner: StudyRunner, tests: Sequence[Mapping[str, Any]], resul
                       f"({'passed' if runner.gate_passed else 'no template passed; the best teacher is used'})."]
     if hasattr(runner, "base"):
         lines += _run_table(runner)
-        lines += _setting_table(runner, tests)
+        lines += _setting_table(runner.settings() if any(r.phase == "phase1" for r in runner.records) else [],
+                                tests)
     if tests:
         lines += ["", "## Paired tests", "",
                   "Exact McNemar (accuracy; pooled over seeds, paired by seed and question; a_only / b_only = pairs "
@@ -420,7 +433,17 @@ def write_summary(runner: StudyRunner, tests: Sequence[Mapping[str, Any]], resul
                          f"{_num(t['mean_b'])} | {t['n']} | {t['a_only']} | {t['b_only']} | {_p(t['p_value'])} |")
     if runner.chains:
         lines += _chain_table(runner)
-    lines += ["", "## Verdict", "", f"**{result.label}**: {result.reason}."]
+    lines += _verdict_lines(result)
+    units = runner.runtimes.get("units", [])
+    lines += ["", "## Runtimes", "", f"Total {runner.runtimes.get('total_s', 0):.0f} s in this invocation; "
+              f"{len(units)} units run (the rest reused); load average at start "
+              f"{runner.runtimes.get('loadavg_start')}, now {runner.runtimes.get('loadavg_now')}."]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _verdict_lines(result: Verdict) -> list[str]:
+    lines = ["", "## Verdict", "", f"**{result.label}**: {result.reason}."]
     if result.label != NOT_APPLICABLE and result.checks:
         lines += ["", "| SDFT setting | strict | base | learns (p) | dominated by | comparator | KL vs comparator p |",
                   "|---|---|---|---|---|---|---|"]
@@ -429,12 +452,7 @@ def write_summary(runner: StudyRunner, tests: Sequence[Mapping[str, Any]], resul
                          f"{'yes' if c['learns'] else 'no'} ({_p(c['p_vs_base'])}) | "
                          f"{', '.join(c['dominated_by']) or '-'} | {c['comparator'] or '-'} | "
                          f"{_p(c['p_kl_vs_comparator']) if 'p_kl_vs_comparator' in c else '-'} |")
-    units = runner.runtimes.get("units", [])
-    lines += ["", "## Runtimes", "", f"Total {runner.runtimes.get('total_s', 0):.0f} s in this invocation; "
-              f"{len(units)} units run (the rest reused); load average at start "
-              f"{runner.runtimes.get('loadavg_start')}, now {runner.runtimes.get('loadavg_now')}."]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    return lines
 
 
 def _run_table(runner: StudyRunner) -> list[str]:
@@ -456,8 +474,7 @@ def _run_table(runner: StudyRunner) -> list[str]:
     return lines
 
 
-def _setting_table(runner: StudyRunner, tests: Sequence[Mapping[str, Any]]) -> list[str]:
-    settings = runner.settings() if any(r.phase == "phase1" for r in runner.records) else []
+def _setting_table(settings: Sequence[Setting], tests: Sequence[Mapping[str, Any]]) -> list[str]:
     if not settings:
         return []
     p_base = {t["b"]: t["p_value"] for t in tests
@@ -482,10 +499,11 @@ def _chain_table(runner: StudyRunner) -> list[str]:
              "demonstration in context: the teacher that actually teaches the tool-call stage.", "",
              "| variant | from | model | trained strict | tool calls | prior | prior KL |", "|---|---|---|---|---|---|---|"]
     for c in runner.chains:
-        teacher = _record(runner, c["teacher"])
+        teacher = _record(runner.records, c["teacher"])
         k, n = _correct(teacher, "tools_teacher", "all")
-        rows = [("base model", base, base), ("after facts", _record(runner, c["start"]), _record(runner, c["before"])),
-                ("after tool calls", _record(runner, c["after"]), _record(runner, c["after"]))]
+        rows = [("base model", base, base),
+                ("after facts", _record(runner.records, c["start"]), _record(runner.records, c["before"])),
+                ("after tool calls", _record(runner.records, c["after"]), _record(runner.records, c["after"]))]
         for label, rec, tools in rows:
             h = headline(rec, base)
             t = headline(tools, base)

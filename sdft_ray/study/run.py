@@ -398,18 +398,9 @@ class StudyRunner:
 
     def settings(self) -> list[Setting]:
         """Every (arm, lr) over its seeds, for the decision rules."""
-        base_strict = self.base.outcomes(FACTS_TRAINED, "strict")
-        out = []
-        for arm in self.spec.arms:
-            for lr in arm.lrs:
-                runs = [r for r in self.records if r.phase == "phase1" and r.arm == arm.name and r.lr == lr]
-                if not runs:
-                    continue
-                strict = [x for r in sorted(runs, key=lambda r: r.seed) for x in r.outcomes(FACTS_TRAINED, "strict")]
-                kls = [r.kl_values() for r in runs]
-                out.append(Setting(arm.name, arm.variant, lr, tuple(strict), tuple(base_strict) * len(runs),
-                                   tuple(sum(v) / len(v) for v in zip(*kls))))
-        return out
+        from sdft_ray.study.report import settings_of
+
+        return settings_of(self.records, self.base)
 
     def profiles(self) -> None:
         """Divergence by response position: the base model and every kept phase-1 checkpoint."""
