@@ -170,3 +170,40 @@ def test_zero3_gathers_land_on_rank0_host_only(monkeypatch):
     assert [n for n, _ in answers[0][0]] == names
     for (_, copy), param in zip(answers[0][0], module.parameters()):
         assert torch.equal(copy, param.detach())
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_one_rank_skips_the_gradient_all_reduce(ray_local, tiny_model_dir, tiny_data, tmp_path, ranks):
+    """With one data-parallel rank DeepSpeed's all-reduce only copies every gradient through a
+    model-sized flat buffer and back: the learner turns it off. Two ranks must still reduce (that
+    their update equals one rank's is test_step_is_independent_of_micro_batches_and_ranks)."""
+    cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", learner={"num_workers": ranks, "micro_batch_size": 2},
+                      teacher={"kind": "frozen"}, schedule={"prompts_per_step": 4})
+    res = ResourcesConfig(num_cpus=0.5, torch_threads=1)
+    handles = [ray.remote(LearnerWorker).options(num_cpus=0.5, runtime_env=worker_runtime_env(res)).remote(
+        r, ranks, cfg.model_dump(mode="json"), str(tiny_model_dir), 1) for r in range(ranks)]
+    learners = LearnerGroup(LearnerWorker, handles, timeout_s=300)
+
+    def count_all_reduces(worker):
+        engine, worker.all_reduces = worker.engine, 0
+        reduce = engine.allreduce_gradients
+
+        def counted(*args, **kwargs):
+            worker.all_reduces += 1
+            return reduce(*args, **kwargs)
+
+        engine.allreduce_gradients = counted
+
+    try:
+        learners.call("setup", *learners.call("address"))
+        ray.get([h.__ray_call__.remote(count_all_reduces) for h in handles])
+        from transformers import AutoTokenizer
+
+        traj, scores = make_batch(len(AutoTokenizer.from_pretrained(tiny_model_dir)))
+        parts = traj.split(ranks)
+        learners.call_each("train_step", [(1, [ray.put(parts[r])], [ray.put(select_scores(scores, traj, parts[r]))])
+                                          for r in range(ranks)])
+        counts = ray.get([h.__ray_call__.remote(lambda worker: worker.all_reduces) for h in handles])
+    finally:
+        learners.kill()
+    assert counts == ([0] if ranks == 1 else [1] * ranks)  # one reduction per optimizer step with two ranks
