@@ -8,10 +8,12 @@ gradient clipping 1.0 and an EMA teacher (rate 0.05) - what TRL's ``SDFTTrainer`
 * ``plain``: ``response_logits`` -> loss -> ``backward`` -> ``clip_grad_norm_`` -> ``AdamW.step``
   -> ``zero_grad`` -> EMA update (``torch._foreach_lerp_``), no metrics beyond the loss;
 * ``learner``: :class:`actors.learner.LearnerWorker` exactly as the Ray actor runs it (DeepSpeed
-  engine, world size 1), called in this process without Ray.
+  engine, world size 1), called in this process without Ray;
+* ``learner_all_reduce``: the same with DeepSpeed's gradient all-reduce left on (what the learner
+  did before it skipped it on one rank).
 
-The two alternate (plain, learner, plain, ...) for ``--steps`` timed steps each after one warm-up,
-so a drifting load hits both alike. The learner's parts are timed with wrappers: the loss (with its
+They alternate (plain, learner, learner_all_reduce, plain, ...) for ``--steps`` timed steps each
+after one warm-up, so a drifting load hits all alike. The learner's parts are timed with wrappers: the loss (with its
 metrics), DeepSpeed's gradient all-reduce, the optimizer step (clipping + AdamW), the extra
 gradient-norm pass, the EMA update and ``release_free_memory``. Prints mean seconds per part and
 the ratio learner / plain.
@@ -143,8 +145,12 @@ def main(argv=None) -> int:
         def _load_parts(self, traj_refs, score_refs):
             return list(traj_refs), list(score_refs)
 
+    port = learner_module.free_port()
     learner = InProcessLearner(0, 1, cfg.model_dump(mode="json"), str(model_folder), args.steps + 1)
-    learner.setup("127.0.0.1", learner_module.free_port())
+    learner.setup("127.0.0.1", port)
+    reducing = InProcessLearner(0, 1, cfg.model_dump(mode="json"), str(model_folder), args.steps + 1)
+    reducing.setup("127.0.0.1", port)
+    reducing.engine.enable_backward_allreduce = True
     plain = PlainStep(cfg, str(model_folder), pad_id)
 
     parts: dict[str, list[float]] = defaultdict(list)
@@ -171,29 +177,41 @@ def main(argv=None) -> int:
             parts["extra grad-norm pass"][-1] += time.perf_counter() - t0
 
     torch.nn.utils.get_total_norm = timed_norm
-    seconds: dict[str, list[float]] = {"plain": [], "learner": []}
+    seconds: dict[str, list[float]] = {"plain": [], "learner": [], "learner_all_reduce": []}
     for i in range(args.steps + 1):
         for name in engine_parts + ["distillation_loss", "release_free_memory", "extra grad-norm pass"]:
             parts[name].append(0.0)
+        timed = {}
         t0 = time.perf_counter()
         plain.step(traj, scores)
-        t1 = time.perf_counter()
+        timed["plain"] = time.perf_counter() - t0
+        mark = {name: values[-1] for name, values in parts.items()}
+        t0 = time.perf_counter()
+        reducing.train_step(i + 1, [traj], [scores])
+        timed["learner_all_reduce"] = time.perf_counter() - t0
+        for name, values in parts.items():  # the parts below are those of `learner`
+            values[-1] = mark[name]
+        t0 = time.perf_counter()
         learner.train_step(i + 1, [traj], [scores])
-        t2 = time.perf_counter()
+        timed["learner"] = time.perf_counter() - t0
         if i:  # the first step of each warms up (allocator, DeepSpeed buffers)
-            seconds["plain"].append(t1 - t0)
-            seconds["learner"].append(t2 - t1)
-        print(f"step {i}: plain {t1 - t0:.3f} s, learner {t2 - t1:.3f} s (load {bc.loadavg()})", flush=True)
+            for name, value in timed.items():
+                seconds[name].append(value)
+        print(f"step {i}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timed.items()) + f" (load {bc.loadavg()})",
+              flush=True)
     mean = {k: statistics.fmean(v) for k, v in seconds.items()}
     print(f"\n{args.prompts} rows x ({args.prompt_tokens} prompt + <= {args.max_new_tokens} response) tokens, "
           f"{args.threads} threads, {args.steps} timed steps each, load average now {bc.loadavg()}")
-    print(f"{'plain step (TRL-like)':34s} {mean['plain']:.3f} s  (sd {statistics.pstdev(seconds['plain']):.3f})")
-    print(f"{'learner step (DeepSpeed actor)':34s} {mean['learner']:.3f} s  (sd {statistics.pstdev(seconds['learner']):.3f})")
-    print("learner parts (mean s per step; they overlap: backward includes the all-reduce):")
+    for name, label in (("plain", "plain step (TRL-like)"), ("learner", "learner step (DeepSpeed actor)"),
+                        ("learner_all_reduce", "learner step, all-reduce on")):
+        print(f"{label:34s} {mean[name]:.3f} s  (sd {statistics.pstdev(seconds[name]):.3f})")
+    print("learner parts (mean s per step; backward includes the all-reduce where it runs):")
     for name, values in parts.items():
         if any(values[1:]):
             print(f"  {name:32s} {statistics.fmean(values[1:]):.3f}")
     print(f"ratio learner/plain: {mean['learner'] / mean['plain']:.3f}")
+    print(f"ratio learner_all_reduce/plain: {mean['learner_all_reduce'] / mean['plain']:.3f}")
+    print(f"ratio learner/learner_all_reduce: {mean['learner'] / mean['learner_all_reduce']:.3f}")
     return 0 if all(math.isfinite(v) for v in mean.values()) else 1
 
 
