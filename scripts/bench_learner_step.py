@@ -156,30 +156,12 @@ def main(argv=None) -> int:
     parts: dict[str, list[float]] = defaultdict(list)
     engine_parts = ["engine.backward", "engine.allreduce_gradients", "engine.step", "ema.update"]
     time_parts(learner, engine_parts, parts)
-    for name in ("distillation_loss", "release_free_memory"):
-        original = getattr(learner_module, name)
-
-        def timed(*a, _fn=original, _key=name, **k):
-            t0 = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                parts[_key][-1] += time.perf_counter() - t0
-
-        setattr(learner_module, name, timed)
-    original_norm = torch.nn.utils.get_total_norm
-
-    def timed_norm(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return original_norm(*a, **k)
-        finally:
-            parts["extra grad-norm pass"][-1] += time.perf_counter() - t0
-
-    torch.nn.utils.get_total_norm = timed_norm
+    module_parts = ["distillation_loss", "release_free_memory"]
+    time_parts(learner_module, module_parts, parts)
+    time_parts(torch.nn.utils, ["get_total_norm"], parts)  # the learner's extra gradient-norm pass
     seconds: dict[str, list[float]] = {"plain": [], "learner": [], "learner_all_reduce": []}
     for i in range(args.steps + 1):
-        for name in engine_parts + ["distillation_loss", "release_free_memory", "extra grad-norm pass"]:
+        for name in engine_parts + module_parts + ["get_total_norm"]:
             parts[name].append(0.0)
         timed = {}
         t0 = time.perf_counter()
