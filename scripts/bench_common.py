@@ -191,17 +191,9 @@ def base_tree(args: argparse.Namespace, model_folder: Path, out_dir: Path) -> di
     }
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    keys = dotted.split(".")
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = value
-
-
 def make_config(args: argparse.Namespace, model_folder: Path, out_dir: Path, overrides: dict[str, Any] | None = None):
     """A validated RunConfig: ``base_tree`` plus ``{"a.b": value}`` overrides."""
-    from sdft_ray.config import config_from_dict
+    from sdft_ray.config import _set_dotted, config_from_dict
 
     tree = base_tree(args, model_folder, out_dir)
     overrides = dict(overrides or {})
