@@ -178,8 +178,9 @@ class LearnerWorker(SyncGroupMember):
         if self.world_size == 1 and lc.zero_stage == 0:
             # One data-parallel rank: DeepSpeed's all-reduce would flatten every gradient into a
             # model-sized buffer, average it over the one rank and copy it back (SmolLM2-135M: 0.6 s of
-            # a 6.5 s step at 1 thread and a 540 MB buffer, scripts/bench_learner_step.py). The
-            # gradients are already the ones to apply. (ZeRO 1-2 reduce into their own partitions there.)
+            # a 6.5 s step at 1 thread, scripts/bench_learner_step.py; the step's peak memory is
+            # elsewhere). The gradients are already the ones to apply. (ZeRO 1-2 reduce into their
+            # own partitions there.)
             self.engine.enable_backward_allreduce = False
         self.gas = gas
         self.device = self.engine.device
