@@ -297,16 +297,18 @@ def save_figure(fig, path: Path) -> Path:
 
 def plot_frontier(records: Sequence[ModelRecord], base: ModelRecord, path: Path, title: str) -> Path:
     """x = mean prior KL(base || model) (95 % t interval over prompts), y = trained-facts strict
-    accuracy (95 % Wilson); one point per phase-1 run (every seed), one colour per arm, one
-    marker per learning rate of the arm (arms and rates in the order of ``records``); the base
-    model at (0, its accuracy)."""
+    accuracy (95 % Wilson); one point per phase-1 run (every seed), one colour per arm (SFT arms
+    filled, the others hollow), one marker per learning rate of the arm (arms and rates in the
+    order of ``records``); the base model at (0, its accuracy)."""
     plt = _plt()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    arms = list(dict.fromkeys(arm for arm, _ in _setting_runs(records)))
+    # one distinct colour per arm (the default cycle repeats after 10), SFT arms filled, others hollow
+    palette = plt.get_cmap("tab10" if len(arms) <= 10 else "tab20")
+    colors = [palette(i % palette.N) for i in range(len(arms))]
     markers = ["o", "s", "^", "D", "v", "P", "X"]
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    fig, ax = plt.subplots(figsize=(9.5, 5.2))
     base_acc = _accuracy(base, FACTS_TRAINED, "strict")
     ax.scatter([0.0], [base_acc], marker="*", s=240, color="black", label="base model", zorder=4)
-    arms = list(dict.fromkeys(arm for arm, _ in _setting_runs(records)))
     for (arm, lr), runs in _setting_runs(records).items():
         a = arms.index(arm)
         m = [l for (name, l) in _setting_runs(records) if name == arm].index(lr)
@@ -317,14 +319,15 @@ def plot_frontier(records: Sequence[ModelRecord], base: ModelRecord, path: Path,
             y = k / n
             ax.errorbar([kl.mean], [y], xerr=[[kl.mean - kl.low], [kl.high - kl.mean]] if n and not math.isnan(kl.low)
                         else None, yerr=[[y - low], [high - y]], fmt=markers[m % len(markers)],
-                        color=colors[a % len(colors)], ecolor=colors[a % len(colors)], alpha=0.85, capsize=2,
-                        markersize=7, label=f"{arm} lr={lr:g}" if i == 0 else None)
+                        color=colors[a], ecolor=colors[a], alpha=0.85, capsize=2, markersize=7,
+                        markerfacecolor=colors[a] if r.variant == "sft" else "none",
+                        label=f"{arm} lr={lr:g}" if i == 0 else None)
     ax.set_xlabel("prior-prompt KL(base || model), nats per token (teacher-forced on the base model's answers)")
     ax.set_ylabel("trained facts: strict accuracy")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlim(left=-0.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="filled: SFT", title_fontsize=7)
     ax.set_title(title, fontsize=8)
     return save_figure(fig, path)
 
