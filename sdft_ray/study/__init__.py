@@ -5,7 +5,8 @@
 * :mod:`~sdft_ray.study.verdict` - the pre-registered rules: Phase-0 gate, template choice,
   best phase-1 setting, the verdict;
 * :mod:`~sdft_ray.study.run` - phases 0-2, resumable, with progress;
-* :mod:`~sdft_ray.study.report` - raw rows, paired tests, ``summary.md``, the two plots.
+* :mod:`~sdft_ray.study.report` - raw rows, paired tests, ``summary.md``, the two plots;
+* :mod:`~sdft_ray.study.combine` - one table, verdict and frontier over several output folders.
 
 Forgetting is measured by :mod:`sdft_ray.evaluation.forgetting`, intervals and tests by
 :mod:`sdft_ray.evaluation.stats`.
