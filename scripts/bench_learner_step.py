@@ -12,8 +12,8 @@ gradient clipping 1.0 and an EMA teacher (rate 0.05) - what TRL's ``SDFTTrainer`
 * ``learner_all_reduce``: the same with DeepSpeed's gradient all-reduce left on (what the learner
   did before it skipped it on one rank).
 
-They alternate (plain, learner, learner_all_reduce, plain, ...) for ``--steps`` timed steps each
-after one warm-up, so a drifting load hits all alike. The learner's parts are timed with wrappers: the loss (with its
+They alternate for ``--steps`` timed steps each after one warm-up, each one first, second and
+third in turn, so a drifting load and the order hit all alike. The learner's parts are timed with wrappers: the loss (with its
 metrics), DeepSpeed's gradient all-reduce, the optimizer step (clipping + AdamW), the extra
 gradient-norm pass, the EMA update and ``release_free_memory``. Prints mean seconds per part and
 the ratio learner / plain.
@@ -164,18 +164,17 @@ def main(argv=None) -> int:
         for name in engine_parts + module_parts + ["get_total_norm"]:
             parts[name].append(0.0)
         timed = {}
-        t0 = time.perf_counter()
-        plain.step(traj, scores)
-        timed["plain"] = time.perf_counter() - t0
-        mark = {name: values[-1] for name, values in parts.items()}
-        t0 = time.perf_counter()
-        reducing.train_step(i + 1, [traj], [scores])
-        timed["learner_all_reduce"] = time.perf_counter() - t0
-        for name, values in parts.items():  # the parts below are those of `learner`
-            values[-1] = mark[name]
-        t0 = time.perf_counter()
-        learner.train_step(i + 1, [traj], [scores])
-        timed["learner"] = time.perf_counter() - t0
+        runs = [("plain", lambda: plain.step(traj, scores)),
+                ("learner_all_reduce", lambda: reducing.train_step(i + 1, [traj], [scores])),
+                ("learner", lambda: learner.train_step(i + 1, [traj], [scores]))]
+        for name, run in runs[i % 3:] + runs[:i % 3]:  # each goes first, second and third in turn
+            mark = {part: values[-1] for part, values in parts.items()}
+            t0 = time.perf_counter()
+            run()
+            timed[name] = time.perf_counter() - t0
+            if name == "learner_all_reduce":  # the parts are those of `learner`
+                for part, values in parts.items():
+                    values[-1] = mark[part]
         if i:  # the first step of each warms up (allocator, DeepSpeed buffers)
             for name, value in timed.items():
                 seconds[name].append(value)

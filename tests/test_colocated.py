@@ -42,6 +42,8 @@ KEYS = ("loss", "grad_norm", "rollout/tokens", "rollout/policy_version_min", "te
     pytest.param({}, id="ema-full-weights"),
     pytest.param({"model": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}}, id="ema-lora"),
     pytest.param({"teacher": {"kind": "frozen"}, "loss": {"estimator": "topk", "top_k": 5}}, id="frozen-topk"),
+    # the quickstart's loss: the teacher also scores each response with another example's demonstration
+    pytest.param({"loss": {"position_weights": "demonstration_shift", "shift_floor": 0.01}}, id="ema-shift-weights"),
 ])
 def test_colocated_run_equals_disaggregated_run(ray_local, tiny_model_dir, tiny_data, tmp_path, sections):
     """Synchronous schedule, fixed seeds: the same sampled tokens, teacher signal and updates, so
