@@ -301,7 +301,8 @@ def plot_frontier(records: Sequence[ModelRecord], base: ModelRecord, path: Path,
     filled, the others hollow), one marker per learning rate of the arm (arms and rates in the
     order of ``records``); the base model at (0, its accuracy)."""
     plt = _plt()
-    arms = list(dict.fromkeys(arm for arm, _ in _setting_runs(records)))
+    groups = _setting_runs(records)
+    arms = list(dict.fromkeys(arm for arm, _ in groups))
     # one distinct colour per arm (the default cycle repeats after 10), SFT arms filled, others hollow
     palette = plt.get_cmap("tab10" if len(arms) <= 10 else "tab20")
     colors = [palette(i % palette.N) for i in range(len(arms))]
@@ -309,9 +310,9 @@ def plot_frontier(records: Sequence[ModelRecord], base: ModelRecord, path: Path,
     fig, ax = plt.subplots(figsize=(9.5, 5.2))
     base_acc = _accuracy(base, FACTS_TRAINED, "strict")
     ax.scatter([0.0], [base_acc], marker="*", s=240, color="black", label="base model", zorder=4)
-    for (arm, lr), runs in _setting_runs(records).items():
+    for (arm, lr), runs in groups.items():
         a = arms.index(arm)
-        m = [l for (name, l) in _setting_runs(records) if name == arm].index(lr)
+        m = [rate for name, rate in groups if name == arm].index(lr)
         for i, r in enumerate(runs):
             k, n = _correct(r, FACTS_TRAINED, "strict")
             low, high = wilson_interval(k, n)
