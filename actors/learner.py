@@ -177,10 +177,12 @@ class LearnerWorker(SyncGroupMember):
                                                     config=ds_config)
         if self.world_size == 1 and lc.zero_stage == 0:
             # One data-parallel rank: DeepSpeed's all-reduce would flatten every gradient into a
-            # model-sized buffer, average it over the one rank and copy it back (SmolLM2-135M: 0.6 s of
-            # a 6.5 s step at 1 thread, scripts/bench_learner_step.py; the step's peak memory is
-            # elsewhere). The gradients are already the ones to apply. (ZeRO 1-2 reduce into their
-            # own partitions there.)
+            # model-sized buffer, average it over the one rank and copy it back (SmolLM2-135M, 2
+            # threads: a 4.07 s step becomes 3.60 s, results/bench/learner_step.txt; the peak memory
+            # is elsewhere). The gradients are already the ones to apply. One difference: the
+            # reduction gave a trainable parameter that the forward did not use a zero gradient;
+            # without it AdamW skips that parameter (the models here use all of theirs). ZeRO 1-2
+            # reduce into their own partitions there, so they keep it.
             self.engine.enable_backward_allreduce = False
         self.gas = gas
         self.device = self.engine.device
@@ -331,7 +333,7 @@ class LearnerWorker(SyncGroupMember):
             self.engine.backward(loss * count * share * self.gas)
             if n == len(batches) - 1 and self.cfg.learner.zero_stage == 0:
                 # Without ZeRO, DeepSpeed clips but does not record the norm: take it from the
-                # (already all-reduced) gradients before the step.
+                # gradients before the step (all-reduced over ranks; on one rank as they are).
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
                 grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             self.engine.step()

@@ -13,10 +13,10 @@ gradient clipping 1.0 and an EMA teacher (rate 0.05) - what TRL's ``SDFTTrainer`
   did before it skipped it on one rank).
 
 They alternate for ``--steps`` timed steps each after one warm-up, each one first, second and
-third in turn, so a drifting load and the order hit all alike. The learner's parts are timed with wrappers: the loss (with its
-metrics), DeepSpeed's gradient all-reduce, the optimizer step (clipping + AdamW), the extra
-gradient-norm pass, the EMA update and ``release_free_memory``. Prints mean seconds per part and
-the ratio learner / plain.
+third in turn, so a drifting load and the order hit all alike. The ``learner``'s parts are timed
+with wrappers: backward, the optimizer step (clipping + AdamW), the loss (with its metrics), the
+extra gradient-norm pass, the EMA update and ``release_free_memory``. Prints mean seconds per
+step of each variant and part, and the ratios.
 
     .venv/bin/python scripts/bench_learner_step.py                 # SmolLM2-135M, 8 x (64 + 48) tokens
     .venv/bin/python scripts/bench_learner_step.py --tiny --steps 3

@@ -206,4 +206,4 @@ def test_one_rank_skips_the_gradient_all_reduce(ray_local, tiny_model_dir, tiny_
         counts = ray.get([h.__ray_call__.remote(lambda worker: worker.all_reduces) for h in handles])
     finally:
         learners.kill()
-    assert counts == ([0] if ranks == 1 else [1] * ranks)  # one reduction per optimizer step with two ranks
+    assert counts == ([0] if ranks == 1 else [1] * ranks)  # two ranks: one call per backward (one micro-batch each)

@@ -423,7 +423,7 @@ def test_a_finished_run_saved_by_an_older_schema_is_still_the_same_run():
 # ---- combining study output folders -----------------------------------------------------------
 
 
-def _study_folder(folder, runs, base_correct=(0, 0, 0), passed=True):
+def _study_folder(folder, runs, base_correct=(0, 0, 0), passed=True, chosen="answer_directly", prompts=2):
     """A study output folder written by hand: ``runs`` maps (arm, variant, lr, seed) to
     (strict outcomes of the 3 trained questions, per-prompt prior KL of 2 prompts)."""
     from sdft_ray.study.run import write_jsonl
@@ -431,7 +431,7 @@ def _study_folder(folder, runs, base_correct=(0, 0, 0), passed=True):
     def tags(run, phase, arm=None, variant=None, lr=None, seed=None):
         return {"run": run, "phase": phase, "arm": arm, "variant": variant, "lr": lr, "seed": seed}
 
-    models = [(tags("base", "base"), base_correct, (0.0, 0.0))]
+    models = [(tags("base", "base"), base_correct, (0.0,) * prompts)]
     models += [(tags(f"p1/{a}/lr{lr:g}/s{s}", "phase1", a, v, lr, s), correct, kl)
                for (a, v, lr, s), (correct, kl) in runs.items()]
     results, questions, prior_kl, run_rows = [], [], [], []
@@ -446,7 +446,7 @@ def _study_folder(folder, runs, base_correct=(0, 0, 0), passed=True):
             run_rows.append({**t, "steps": 12, "train_s": 1.0})
     for name, rows in (("results", results), ("questions", questions), ("prior_kl", prior_kl), ("runs", run_rows)):
         write_jsonl(folder / f"{name}.jsonl", rows)
-    (folder / "gate.json").write_text(json.dumps({"passed": passed}))
+    (folder / "gate.json").write_text(json.dumps({"passed": passed, "chosen": chosen}))
     return folder
 
 
@@ -494,3 +494,18 @@ def test_combine_refuses_other_base_models_and_repeated_runs(tmp_path):
         combine_results([a, _study_folder(tmp_path / "c", runs)], tmp_path / "out")
     with pytest.raises(ConfigError, match="no results.jsonl"):
         combine_results([a, tmp_path], tmp_path / "out")
+    with pytest.raises(ConfigError, match="teacher template 'paper'"):
+        combine_results([a, _study_folder(tmp_path / "d", {("sft", "sft", 1e-4, 1): ((1, 1, 0), (0.5, 0.7))},
+                                          chosen="paper")], tmp_path / "out")
+    with pytest.raises(ConfigError, match="other prompts"):
+        combine_results([a, _study_folder(tmp_path / "e", {("sft", "sft", 1e-4, 1): ((1, 1, 0), (0.5, 0.7, 0.1))},
+                                          prompts=3)], tmp_path / "out")
+
+
+def test_combine_without_both_variants_reports_the_rule_does_not_apply(tmp_path):
+    from sdft_ray.study.combine import combine_results
+
+    a = _study_folder(tmp_path / "a", {("sdft", "sdft", 2e-4, 0): ((1, 0, 0), (0.1, 0.3))})
+    b = _study_folder(tmp_path / "b", {("sdft", "sdft", 2e-4, 1): ((0, 0, 0), (0.2, 0.2))})
+    verdict = json.loads(combine_results([a, b], tmp_path / "out")["verdict"].read_text())
+    assert verdict["verdict"] == "inconclusive" and "does not apply" in verdict["reason"]

@@ -6,7 +6,8 @@ from another ``--work`` - are combined here from those rows alone: the models ar
 ``results``/``questions``/``prior_kl``/``runs`` and go through the same pooling, decision rule
 and plot as a single study's. Folders combine only when their base models answered every
 trained-fact question identically (same model, facts and greedy evaluation); a run named in two
-folders is an error.
+folders is an error, and so are folders whose phase 1 used another teacher template or whose
+prior KL was measured on other prompts.
 
     scripts/run_study.py --combine results/levers results/levers_seeds --out results/levers_all
 """
@@ -24,7 +25,7 @@ from sdft_ray.evaluation.stats import mean_interval, wilson_interval
 from sdft_ray.study.report import (FACTS_TRAINED, TAG_COLUMNS, _setting_table, _verdict_lines, _write, headline,
                                    paired_tests, plot_frontier, settings_of)
 from sdft_ray.study.run import ModelRecord, read_jsonl
-from sdft_ray.study.verdict import decide
+from sdft_ray.study.verdict import INCONCLUSIVE, Verdict, decide
 
 __all__ = ["combine_results", "load_records"]
 
@@ -59,6 +60,11 @@ def load_records(folder: str | Path) -> tuple[ModelRecord, list[ModelRecord]]:
     return records["base"], [r for r in records.values() if r.phase == "phase1"]
 
 
+def _gate(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "gate.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def _base_answers(base: ModelRecord) -> list[tuple[Any, ...]]:
     return sorted((s["kind"], s["index"], s["score"], s.get("response")) for s in base.samples
                   if s["task"] == FACTS_TRAINED)
@@ -73,15 +79,18 @@ def combine_results(folders: Sequence[str | Path], out: str | Path) -> dict[str,
     out = Path(out)
     base, first = load_records(folders[0])
     runs, source = list(first), {r.run: str(folders[0]) for r in first}
-    gate_passed = True
-    for folder in folders:
-        gate = Path(folder) / "gate.json"
-        gate_passed &= bool(json.loads(gate.read_text(encoding="utf-8"))["passed"]) if gate.is_file() else False
-    for folder in folders[1:]:
+    gates = [_gate(folder) for folder in folders]
+    gate_passed = all(g.get("passed") for g in gates)
+    for folder, gate in zip(folders[1:], gates[1:]):
         other_base, other = load_records(folder)
         if _base_answers(other_base) != _base_answers(base):
             raise ConfigError(f"--combine: the base model's trained-fact answers in {folder} differ from those in "
                               f"{folders[0]}: not the same model, facts or evaluation")
+        if sorted(r["index"] for r in other_base.kl or []) != sorted(r["index"] for r in base.kl or []):
+            raise ConfigError(f"--combine: {folder} measured the prior KL on other prompts than {folders[0]}")
+        if gate.get("chosen") != gates[0].get("chosen"):
+            raise ConfigError(f"--combine: {folder} trained with teacher template {gate.get('chosen')!r}, "
+                              f"{folders[0]} with {gates[0].get('chosen')!r}")
         for r in other:
             if r.run in source:
                 raise ConfigError(f"--combine: run {r.run} is in both {source[r.run]} and {folder}")
@@ -93,7 +102,10 @@ def combine_results(folders: Sequence[str | Path], out: str | Path) -> dict[str,
     runs.sort(key=lambda r: order[(r.arm, r.lr)])  # a setting's seeds together, settings in first-seen order
     settings = settings_of(runs, base)
     tests = paired_tests(runs, base)
-    result = decide(gate_passed, settings)
+    try:
+        result = decide(gate_passed, settings)
+    except ValueError as e:  # e.g. SDFT arms only: report, do not fail after the tables
+        result = Verdict(INCONCLUSIVE, f"the decision rule does not apply: {e}")
     out.mkdir(parents=True, exist_ok=True)
     _write(out, "runs", [{**r.tags, "source": source[r.run], **r.info, **headline(r, base)} for r in runs],
            (*TAG_COLUMNS, "source", "steps", "train_s"))
