@@ -20,7 +20,8 @@ from sdft_ray.metrics import read_metrics
 from sdft_ray.runner import REPO_ROOT
 
 
-def write_run_config(path: Path, model_dir: Path, data: Path, out: Path, steps: int, max_staleness: int = 0) -> Path:
+def write_run_config(path: Path, model_dir: Path, data: Path, out: Path, steps: int, max_staleness: int = 0,
+                     mode: str = "disaggregated") -> Path:
     tree = {
         "model": {"path": str(model_dir)},
         "data": {"path": str(data)},
@@ -29,7 +30,7 @@ def write_run_config(path: Path, model_dir: Path, data: Path, out: Path, steps: 
         "teacher": {"num_workers": 1, "micro_batch_size": 8, "kind": "ema", "ema_rate": 0.1, "sync_every": 2},
         "learner": {"num_workers": 1, "lr": 1e-2, "micro_batch_size": 4},
         "schedule": {"prompts_per_step": 4, "max_steps": steps, "seed": 3, "max_staleness": max_staleness},
-        "placement": {r: {"num_cpus": 0.5, "torch_threads": 1} for r in ("rollout", "teacher", "learner")},
+        "placement": {"mode": mode, **{r: {"num_cpus": 0.5, "torch_threads": 1} for r in ("rollout", "teacher", "learner")}},
         "output": {"dir": str(out), "checkpoint_every": 1, "keep_last": 10, "loggers": ["jsonl"], "progress": "off"},
     }
     path.write_text(yaml.safe_dump(tree))
@@ -65,14 +66,18 @@ def assert_same_run(full_dir: Path, cut_dir: Path, steps: int) -> None:
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
-    """SIGKILL the training process tree after step 3 of 5 with two batches in flight
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_kill_and_resume_matches_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path, mode):
+    """SIGKILL the training process tree after step 3 of 10 with two batches in flight
     (``max_staleness: 2``): ``--resume latest`` trains on exactly the batches the uninterrupted run
-    generated ahead (kept in the checkpoint), so every loss and the final weights are the same."""
-    steps, kill_after, staleness = 5, 3, 2
+    generated ahead (kept in the checkpoint), so every loss and the final weights are the same -
+    with the roles in actors of their own and with one actor holding them all (``colocated``).
+    (10 steps: a colocated tiny-model step takes well under a second, and with 5 the run could
+    finish between the poll and the kill.)"""
+    steps, kill_after, staleness = 10, 3, 2
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    full_cfg = write_run_config(tmp_path / "full.yaml", tiny_model_dir, tiny_data, full_dir, steps, staleness)
-    cut_cfg = write_run_config(tmp_path / "cut.yaml", tiny_model_dir, tiny_data, cut_dir, steps, staleness)
+    full_cfg = write_run_config(tmp_path / "full.yaml", tiny_model_dir, tiny_data, full_dir, steps, staleness, mode)
+    cut_cfg = write_run_config(tmp_path / "cut.yaml", tiny_model_dir, tiny_data, cut_dir, steps, staleness, mode)
     subprocess.run(cli("train", str(full_cfg)), check=True, env=env(), cwd=REPO_ROOT, timeout=600,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
