@@ -21,16 +21,12 @@ from typing import Any
 
 from sdft_ray.checkpoint import atomic_write_text
 from sdft_ray.errors import ConfigError
-from sdft_ray.evaluation.stats import mean_interval, wilson_interval
 from sdft_ray.study.report import (FACTS_TRAINED, TAG_COLUMNS, _setting_table, _verdict_lines, _write, headline,
-                                   paired_tests, plot_frontier, settings_of)
+                                   paired_tests, plot_frontier, setting_summary, settings_of)
 from sdft_ray.study.run import ModelRecord, read_jsonl
 from sdft_ray.study.verdict import INCONCLUSIVE, Verdict, decide
 
 __all__ = ["combine_results", "load_records"]
-
-_TAGS = ("run", "phase", "arm", "variant", "lr", "seed")
-
 
 def load_records(folder: str | Path) -> tuple[ModelRecord, list[ModelRecord]]:
     """The base model and the phase-1 runs of one study output folder, rebuilt from its rows."""
@@ -42,16 +38,16 @@ def load_records(folder: str | Path) -> tuple[ModelRecord, list[ModelRecord]]:
 
     def record(row: dict[str, Any]) -> ModelRecord:
         if row["run"] not in records:
-            records[row["run"]] = ModelRecord(**{k: row.get(k) for k in _TAGS})
+            records[row["run"]] = ModelRecord(**{k: row.get(k) for k in TAG_COLUMNS})
         return records[row["run"]]
 
     for row in read_jsonl(folder / "results.jsonl"):
         record(row).rows.append(row)
     for row in read_jsonl(folder / "questions.jsonl"):
-        record(row).samples.append({k: v for k, v in row.items() if k not in _TAGS})
+        record(row).samples.append({k: v for k, v in row.items() if k not in TAG_COLUMNS})
     for row in read_jsonl(folder / "prior_kl.jsonl"):
         rec = record(row)
-        rec.kl = (rec.kl or []) + [{k: v for k, v in row.items() if k not in _TAGS}]
+        rec.kl = (rec.kl or []) + [{k: v for k, v in row.items() if k not in TAG_COLUMNS}]
     for row in read_jsonl(folder / "runs.jsonl"):
         if row["run"] in records:
             records[row["run"]].info = {k: row[k] for k in ("steps", "train_s", "eval_s") if k in row}
@@ -109,14 +105,8 @@ def combine_results(folders: Sequence[str | Path], out: str | Path) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     _write(out, "runs", [{**r.tags, "source": source[r.run], **r.info, **headline(r, base)} for r in runs],
            (*TAG_COLUMNS, "source", "steps", "train_s"))
-    setting_rows = []
-    for s in settings:
-        k, n = int(sum(s.strict)), len(s.strict)
-        low, high = wilson_interval(k, n)
-        setting_rows.append({"setting": s.name, "arm": s.arm, "variant": s.variant, "lr": s.lr,
-                             "seeds": [r.seed for r in runs if (r.arm, r.lr) == (s.arm, s.lr)],
-                             "strict_n": n, "strict_correct": k, "strict": k / n, "strict_low": low,
-                             "strict_high": high, **mean_interval(s.prior_kl).as_dict("prior_kl")})
+    setting_rows = [{**setting_summary(s), "seeds": [r.seed for r in runs if (r.arm, r.lr) == (s.arm, s.lr)]}
+                    for s in settings]
     _write(out, "settings", setting_rows, ("setting", "variant", "lr", "seeds", "strict", "strict_low", "strict_high",
                                            "prior_kl", "prior_kl_low", "prior_kl_high"))
     _write(out, "tests", tests, ("comparison", "a", "b", "measure", "test", "n", "a_only", "b_only", "p_value"))

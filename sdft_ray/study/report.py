@@ -478,6 +478,15 @@ def _run_table(runner: StudyRunner) -> list[str]:
     return lines
 
 
+def setting_summary(s: Setting) -> dict[str, Any]:
+    """A setting's pooled numbers: strict correct / n with a Wilson interval, mean prior KL with a
+    t interval."""
+    k, n = int(sum(s.strict)), len(s.strict)
+    low, high = wilson_interval(k, n)
+    return {"setting": s.name, "arm": s.arm, "variant": s.variant, "lr": s.lr, "strict_n": n, "strict_correct": k,
+            "strict": k / n, "strict_low": low, "strict_high": high, **mean_interval(s.prior_kl).as_dict("prior_kl")}
+
+
 def _setting_table(settings: Sequence[Setting], tests: Sequence[Mapping[str, Any]]) -> list[str]:
     if not settings:
         return []
@@ -486,12 +495,10 @@ def _setting_table(settings: Sequence[Setting], tests: Sequence[Mapping[str, Any
     lines = ["", "## Phase 1: settings (arm x lr, seeds pooled)", "",
              "| setting | variant | trained strict | McNemar p vs base | mean prior KL [95 %] |",
              "|---|---|---|---|---|"]
-    for s in settings:
-        k, n = int(sum(s.strict)), len(s.strict)
-        kl = mean_interval(s.prior_kl)
-        lines.append(f"| {s.name} | {s.variant} | {_pct(k / n, *wilson_interval(k, n))} (n={n}) | "
-                     f"{_p(p_base[s.name]) if s.name in p_base else '-'} | "
-                     f"{_num(kl.mean)} [{_num(kl.low)}, {_num(kl.high)}] |")
+    for s in map(setting_summary, settings):
+        lines.append(f"| {s['setting']} | {s['variant']} | {_pct(s['strict'], s['strict_low'], s['strict_high'])} "
+                     f"(n={s['strict_n']}) | {_p(p_base[s['setting']]) if s['setting'] in p_base else '-'} | "
+                     f"{_num(s['prior_kl'])} [{_num(s['prior_kl_low'])}, {_num(s['prior_kl_high'])}] |")
     return lines
 
 
